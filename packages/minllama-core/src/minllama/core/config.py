@@ -1,0 +1,102 @@
+"""Model shapes: one dataclass and the presets of the Llama family.
+
+A Llama is fully described by a dozen numbers. Everything else (head size, how many query heads share one
+key/value head) is derived from them in ``__post_init__`` so that the numbers can never disagree.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1/3.2 frequency scaling: slow (long-wavelength) rotary frequencies are divided by ``factor``,
+    fast ones are kept, and the band in between is interpolated smoothly. The checkpoints were trained with it,
+    so it is part of the architecture, not an option (see ``model.rope_frequencies``)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    dim: int = 4096  # width of the residual stream
+    n_layers: int = 32
+    n_heads: int = 32  # query heads
+    n_kv_heads: int | None = None  # key/value heads: = n_heads (MHA), 1 (MQA), in between (GQA)
+    hidden_dim: int = 11008  # width of the SwiGLU feed-forward
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False  # output head shares the token embedding matrix
+    head_dim: int | None = None  # derived: dim // n_heads unless a checkpoint says otherwise
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; give head_dim explicitly")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even: RoPE rotates pairs of channels")
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+
+    @property
+    def n_rep(self) -> int:
+        """How many query heads share each key/value head (1 for MHA, n_heads for MQA)."""
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "LlamaConfig":
+        key = name.lower()
+        if key not in PRESETS:
+            raise KeyError(f"unknown model config {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return dataclasses.replace(PRESETS[key], name=key, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_L31 = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+_L32 = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+_L3 = dict(vocab_size=128256, rope_theta=500000.0, norm_eps=1e-5)
+
+PRESETS: dict[str, LlamaConfig] = {
+    "llama2-7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008),
+    "llama2-13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824),
+    "llama2-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672),
+    "llama3-8b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, max_seq_len=8192, **_L3),
+    "llama3.1-8b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                               max_seq_len=131072, rope_scaling=_L31, **_L3),
+    "llama3.1-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672,
+                                max_seq_len=131072, rope_scaling=_L31, **_L3),
+    "llama3.2-1b": LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+                               max_seq_len=131072, rope_scaling=_L32, tie_embeddings=True, **_L3),
+    "llama3.2-3b": LlamaConfig(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192,
+                               max_seq_len=131072, rope_scaling=_L32, tie_embeddings=True, **_L3),
+    "tinyllama-1.1b": LlamaConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048),
+    "smollm2-135m": LlamaConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
+                                rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    "smollm2-360m": LlamaConfig(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560,
+                                rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    "smollm2-1.7b": LlamaConfig(vocab_size=49152, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192,
+                                rope_theta=130000.0, max_seq_len=8192, tie_embeddings=True),
+    # Tiny configs for tests and from-scratch experiments: seconds on a CPU.
+    "tiny-mha": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=128, max_seq_len=128),
+    "tiny-gqa": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=128),
+    "tiny-mqa": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=1, hidden_dim=128, max_seq_len=128,
+                            tie_embeddings=True),
+    "tiny-llama3": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160,
+                               rope_theta=500000.0, max_seq_len=256,
+                               rope_scaling=RopeScaling(factor=8.0, original_max_seq_len=32)),
+}
