@@ -1,0 +1,107 @@
+"""Chat with a Llama checkpoint in the terminal.
+
+    uv run apps/chat.py                                   # SmolLM2-135M-Instruct, embedded, on the CPU
+    uv run apps/chat.py --prompt "What is the capital of France?" --temperature 0
+    uv run apps/chat.py --checkpoint path/to/hf-or-meta-dir-or.gguf
+
+In the interactive chat, /reset forgets the conversation and /quit (or Ctrl-D) leaves.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from minllama.core.chat_format import chat_format_for
+from minllama.core.checkpoint import load_pretrained
+from minllama.core.generate import stream_text
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Chat with a Llama model (MinimalLlama).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="smollm2-135m-instruct",
+                   help="a known name, a .gguf file, an HF directory (config.json + safetensors) "
+                        "or a Meta directory (params.json + consolidated.*.pth)")
+    p.add_argument("--prompt", help="answer this one message and exit (no interactive chat)")
+    p.add_argument("--system", help="system prompt (default: the model family's own)")
+    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy decoding")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=0.9, help="sample only among the tokens that make up p of the mass")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit, in tokens")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (auto: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weight dtype (auto: bfloat16 on cuda, float32 elsewhere)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster decode)")
+    return p.parse_args(argv)
+
+
+def answer(model, tokenizer, fmt, messages, args, generator) -> str:
+    """Stream one assistant answer to stdout and return its text."""
+    prompt = fmt.encode_dialog(tokenizer, messages)
+    start, pieces, generated = time.perf_counter(), [], []
+    for piece in stream_text(model, tokenizer, prompt, args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, generator=generator, compile=args.compile,
+                             on_token=generated.append):
+        print(piece, end="", flush=True)
+        pieces.append(piece)
+    elapsed = time.perf_counter() - start
+    n_tokens = len(generated)
+    print(f"\n[{n_tokens} tokens, {n_tokens / elapsed:.1f} tok/s, prompt {len(prompt)} tokens]", file=sys.stderr)
+    return "".join(pieces)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    try:
+        model, tokenizer = load_pretrained(args.checkpoint, dtype=dtype, device=device)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if tokenizer is None:
+        print(f"error: {args.checkpoint} has no tokenizer file (tokenizer.json or tokenizer.model); add one",
+              file=sys.stderr)
+        return 2
+    fmt = chat_format_for(tokenizer)
+    generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+    system = [{"role": "system", "content": args.system}] if args.system else []
+
+    if args.prompt is not None:
+        answer(model, tokenizer, fmt, system + [{"role": "user", "content": args.prompt}], args, generator)
+        return 0
+
+    print(f"Chatting with {args.checkpoint} on {device} ({dtype}). /reset to start over, /quit to leave.")
+    messages = list(system)
+    while True:
+        try:
+            text = input("\n> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if text == "/quit":
+            return 0
+        if text == "/reset":
+            messages = list(system)
+            print("(conversation cleared)")
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        try:
+            reply = answer(model, tokenizer, fmt, messages, args, generator)
+        except ValueError as e:  # the conversation outgrew the context window
+            print(f"error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

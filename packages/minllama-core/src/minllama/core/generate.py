@@ -1,0 +1,148 @@
+"""Text generation: prefill the prompt once, then decode one token at a time from the KV cache.
+
+    prefill:  model(prompt (B, T), input_pos=0..T-1)      -> logits of the last position, cache filled
+    decode:   model(token (B, 1), input_pos=[t])            -> logits, one cache slot written per step
+
+Prompts of different lengths are batched by padding on the left, so that every row's last prompt token sits in
+the same slot; ``MinimalLlama`` masks the padding and restarts each row's positions at 0 after it, which makes each
+row compute exactly what it would alone.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .model import MinimalLlama
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Pick the next token of each row from logits (B, vocab) -> (B,).
+
+    temperature 0 is greedy (argmax). Otherwise the distribution softmax(logits / temperature) is truncated to the
+    k most likely tokens (top-k) and/or to the smallest set whose probability reaches p (top-p, "nucleus"), then
+    sampled. Truncation removes the long tail of unlikely tokens that makes sampled text derail.
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1): the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > top_p  # tokens after the nucleus is already complete
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _decode_step(model: MinimalLlama, token: Tensor, input_pos: Tensor, pad: Tensor | None) -> Tensor:
+    return model(token, input_pos, pad)[:, -1]  # (B, vocab)
+
+
+def compiled_decode_step(model: MinimalLlama):
+    """The decode step compiled once per model. Shapes never change (static KV cache), so it compiles once."""
+    if getattr(model, "_compiled_decode_step", None) is None:
+        model._compiled_decode_step = torch.compile(_decode_step, fullgraph=True, dynamic=False)
+    return model._compiled_decode_step
+
+
+@torch.no_grad()
+def generate_stream(model: MinimalLlama, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                    stop_ids: Iterable[int] = (), generator: torch.Generator | None = None,
+                    compile: bool = False, pad_id: int = 0) -> Iterator[Tensor]:
+    """Yield the next token of every row, (B,), until every row has produced a stop id or the budget is spent.
+
+    Rows that already stopped keep producing tokens until the whole batch is done: callers cut each row at its
+    first stop id (``generate`` does).
+    """
+    cfg, device = model.config, model.rope.device
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    lengths = [len(p) for p in prompts]
+    T, B = max(lengths), len(prompts)
+    if T >= cfg.max_seq_len:
+        raise ValueError(f"the prompt has {T} tokens but the model's context is {cfg.max_seq_len}: "
+                         f"shorten the prompt (or reset the conversation) to leave room for an answer")
+    max_new_tokens = min(max_new_tokens, cfg.max_seq_len - T)
+    # One static cache shape per 256 tokens, reused across calls: no reallocation and no recompilation.
+    needed = min(_round_up(T + max_new_tokens, 256), cfg.max_seq_len)
+    if model.cache_len < needed or model.layers[0].attention.kv_cache.k.size(0) != B:
+        model.setup_cache(B, needed)
+    tokens = torch.tensor([[pad_id] * (T - n) + list(p) for n, p in zip(lengths, prompts)], device=device)
+    pad = torch.tensor([T - n for n in lengths], device=device) if len(set(lengths)) > 1 else None
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    step = compiled_decode_step(model) if compile else _decode_step
+
+    logits = model(tokens, torch.arange(T, device=device), pad, last_only=True)[:, -1]  # prefill: (B, vocab)
+    for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        yield token
+        done |= torch.isin(token, stop)
+        if bool(done.all()) or i == max_new_tokens - 1:
+            break
+        logits = step(model, token[:, None], torch.tensor([T + i], device=device), pad)
+
+
+def generate(model: MinimalLlama, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             stop_ids: Iterable[int] = (), stop_strings: Sequence[str] = (), tokenizer=None,
+             **kwargs) -> list[list[int]]:
+    """Generate for a batch of prompts; returns each row's new tokens, cut after its first stop id.
+
+    ``stop_strings`` (needs ``tokenizer``) also end a row: its tokens are cut right after the token that
+    completed the string. Other keyword arguments go to ``generate_stream``.
+    """
+    stop_ids = set(stop_ids)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the generated text")
+    out: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    for token in generate_stream(model, prompts, max_new_tokens, stop_ids=stop_ids, **kwargs):
+        for row, t in enumerate(token.tolist()):
+            if finished[row]:
+                continue
+            out[row].append(t)
+            if t in stop_ids or (stop_strings and any(s in tokenizer.decode(out[row]) for s in stop_strings)):
+                finished[row] = True
+        if all(finished):
+            break
+    return out
+
+
+def stream_text(model: MinimalLlama, tokenizer, prompt: Sequence[int], max_new_tokens: int, *,
+                stop_strings: Sequence[str] = (), on_token=None, **kwargs) -> Iterator[str]:
+    """Yield the answer to one prompt as text pieces, as soon as they are valid UTF-8 and cannot be the start of a
+    stop string. Stops at the tokenizer's stop ids (end of turn) and at ``stop_strings`` (not printed).
+    ``on_token(id)`` is called for every generated token (e.g. to count tokens/s)."""
+    from .tokenizer import StreamDecoder
+
+    decoder, pending = StreamDecoder(tokenizer), ""
+    stop_ids = set(kwargs.pop("stop_ids", ())) | set(tokenizer.stop_ids)
+    for token in generate_stream(model, [prompt], max_new_tokens, stop_ids=stop_ids, **kwargs):
+        t = int(token[0])
+        if on_token is not None:
+            on_token(t)
+        if t in stop_ids:
+            break
+        pending += decoder.push(t)
+        hits = [pending.index(s) for s in stop_strings if s in pending]
+        if hits:
+            yield pending[:min(hits)]
+            return
+        # hold back the longest tail that could still grow into a stop string
+        hold = max((k for s in stop_strings for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+        if len(pending) > hold:
+            yield pending[:len(pending) - hold]
+            pending = pending[len(pending) - hold:]
+    yield pending + decoder.flush()
