@@ -42,17 +42,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def answer(model, tokenizer, fmt, messages, args, generator) -> str:
-    """Stream one assistant answer to stdout and return its text."""
+    """Stream one assistant answer to stdout, print its speed to stderr, and return its text."""
     prompt = fmt.encode_dialog(tokenizer, messages)
-    start, pieces, generated = time.perf_counter(), [], []
+    token_times: list[float] = []
+    start, pieces = time.perf_counter(), []
     for piece in stream_text(model, tokenizer, prompt, args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, generator=generator, compile=args.compile,
-                             on_token=generated.append):
+                             on_token=lambda _: token_times.append(time.perf_counter())):
         print(piece, end="", flush=True)
         pieces.append(piece)
-    elapsed = time.perf_counter() - start
-    n_tokens = len(generated)
-    print(f"\n[{n_tokens} tokens, {n_tokens / elapsed:.1f} tok/s, prompt {len(prompt)} tokens]", file=sys.stderr)
+    n = len(token_times)
+    if n:  # the first token comes out of the prefill; the rest are decode steps
+        decode = (n - 1) / (token_times[-1] - token_times[0]) if n > 1 else float("nan")
+        print(f"\n[{n} tokens, {decode:.1f} tok/s decode; prompt {len(prompt)} tokens in "
+              f"{token_times[0] - start:.2f} s]", file=sys.stderr)
     return "".join(pieces)
 
 

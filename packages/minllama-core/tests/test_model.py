@@ -148,3 +148,15 @@ def test_compiled_forward_matches_eager():
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens), model(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_plain_forward_ignores_and_keeps_an_existing_cache():
+    model = tiny_model("tiny-gqa")
+    tokens = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        before = model(tokens)
+        model.setup_cache(1, 16)  # a cache of another batch size, left over from generation
+        model(tokens[:1, :3], torch.arange(3))
+        snapshot = model.layers[0].attention.kv_cache.k.clone()
+        torch.testing.assert_close(model(tokens), before)
+    assert torch.equal(model.layers[0].attention.kv_cache.k, snapshot)

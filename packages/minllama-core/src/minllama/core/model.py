@@ -103,14 +103,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        """input_pos: the cache slots to write, or None for a plain pass that leaves the cache alone."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        if self.kv_cache is not None:
+        if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, head_dim), S = cache length
         # GQA/MQA: query heads h*n_rep .. (h+1)*n_rep-1 all read kv head h (enable_gqa does it without copying k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -141,7 +142,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
         x = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -188,30 +189,38 @@ class MinimalLlama(nn.Module):
             layer.attention.kv_cache = None
         self.cache_len = 0
 
-    def attention_mask(self, input_pos: Tensor, pad: Tensor | None) -> Tensor | None:
-        """Boolean mask (True = may attend), (1 or B, 1, T, S); None means plain causal attention."""
-        if not self.cache_len and pad is None:
+    def attention_mask(self, slots_q: Tensor, n_slots: int, pad: Tensor | None) -> Tensor | None:
+        """Boolean mask (True = may attend), (1 or B, 1, T, S) for queries in ``slots_q`` (T,) over ``n_slots``
+        key slots; None means plain causal attention (the fast path of scaled_dot_product_attention)."""
+        if pad is None and n_slots == slots_q.numel():
             return None
-        slots = torch.arange(self.cache_len or input_pos.numel(), device=input_pos.device)  # (S,)
-        mask = slots[None, :] <= input_pos[:, None]  # (T, S): causal over cache slots
+        slots = torch.arange(n_slots, device=slots_q.device)  # (S,)
+        mask = slots[None, :] <= slots_q[:, None]  # (T, S): causal over slots
         if pad is not None:  # (B, T, S): hide each row's padding; a padding query still sees itself (no NaN)
-            mask = (mask & (slots >= pad[:, None, None])) | (slots == input_pos[:, None])
+            mask = (mask & (slots >= pad[:, None, None])) | (slots == slots_q[:, None])
         return mask.view(-1, 1, *mask.shape[-2:])
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, pad: Tensor | None = None,
                 last_only: bool = False) -> Tensor:
-        """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only`` (prefill needs no more)."""
+        """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only`` (prefill needs no more).
+
+        The KV cache is used only when ``input_pos`` is given: ``model(tokens)`` is always a plain causal pass.
+        """
         B, T = tokens.shape
+        use_cache = input_pos is not None and self.cache_len > 0
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device)
-        if self.cache_len == 0 and T > self.config.max_seq_len:
+        if not use_cache and T > self.config.max_seq_len:
             raise ValueError(f"{T} tokens exceed the model's context of {self.config.max_seq_len}")
         positions = input_pos if pad is None else (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (T,) | (B, T)
         rope = self.rope[positions]
-        mask = self.attention_mask(input_pos, pad)
+        if use_cache:
+            mask = self.attention_mask(input_pos, self.cache_len, pad)
+        else:
+            mask = self.attention_mask(torch.arange(T, device=tokens.device), T, pad)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, rope, mask, input_pos)
+            h = layer(h, rope, mask, input_pos if use_cache else None)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h))  # (B, T, vocab)
