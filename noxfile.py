@@ -50,6 +50,18 @@ def slow(session: nox.Session) -> None:
 
 
 @nox.session
+def wheels(session: nox.Session) -> None:
+    """Each package builds a wheel that installs and imports on its own, from the registry alone."""
+    out = Path(session.create_tmp()) / "dist"
+    for name in PACKAGES:
+        session.run("uv", "build", "--package", name, "--wheel", "--out-dir", str(out), "--quiet", external=True)
+    for wheel in sorted(out.glob("*.whl")):
+        session.install(str(wheel))  # minllama-core first (sorted): siblings then find their only dependency
+        module = "minllama." + wheel.name.split("-")[0].removeprefix("minllama_")
+        session.run("python", "-c", f"import {module}; print({module}.__name__, 'imports from', {module}.__file__)")
+
+
+@nox.session
 def apps(session: nox.Session) -> None:
     """Smoke tests of the programs in apps/ (they may combine every package)."""
     install(session, *PACKAGES)
