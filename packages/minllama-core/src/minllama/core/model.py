@@ -214,10 +214,8 @@ class MinimalLlama(nn.Module):
             raise ValueError(f"{T} tokens exceed the model's context of {self.config.max_seq_len}")
         positions = input_pos if pad is None else (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (T,) | (B, T)
         rope = self.rope[positions]
-        if use_cache:
-            mask = self.attention_mask(input_pos, self.cache_len, pad)
-        else:
-            mask = self.attention_mask(torch.arange(T, device=tokens.device), T, pad)
+        slots_q, n_slots = (input_pos, self.cache_len) if use_cache else (torch.arange(T, device=tokens.device), T)
+        mask = self.attention_mask(slots_q, n_slots, pad)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, rope, mask, input_pos if use_cache else None)
