@@ -2,23 +2,12 @@
 import importlib.metadata
 
 import pytest
-import torch
 
-from minllama.core.config import LlamaConfig
-from minllama.core.model import MinimalLlama
-
-TINY = ["tiny-mha", "tiny-gqa", "tiny-mqa", "tiny-llama3"]
-
-
-def tiny_model(name: str = "tiny-gqa", seed: int = 0, **overrides) -> MinimalLlama:
-    torch.manual_seed(seed)
-    model = MinimalLlama(LlamaConfig.from_name(name, **overrides))
-    model.init_weights()
-    return model.eval()
+from core_helpers import TINY, tiny_model
 
 
 @pytest.fixture(params=TINY)
-def tiny(request) -> MinimalLlama:
+def tiny(request):
     return tiny_model(request.param)
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import tiny_model
+from core_helpers import tiny_model
 from minllama.core.generate import generate, generate_stream, sample
 
 

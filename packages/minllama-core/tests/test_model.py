@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY, tiny_model
+from core_helpers import TINY, tiny_model
 from minllama.core.config import PRESETS, LlamaConfig
 from minllama.core.model import MinimalLlama, apply_rope, rope_cache, rope_frequencies
 
@@ -160,3 +160,12 @@ def test_plain_forward_ignores_and_keeps_an_existing_cache():
         snapshot = model.layers[0].attention.kv_cache.k.clone()
         torch.testing.assert_close(model(tokens), before)
     assert torch.equal(model.layers[0].attention.kv_cache.k, snapshot)
+
+
+def test_hidden_states_are_what_the_head_reads():
+    model = tiny_model("tiny-llama3")
+    tokens = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        h = model.hidden_states(tokens)
+        torch.testing.assert_close(model.output(h), model(tokens))
+        torch.testing.assert_close(model(tokens, last_only=True), model(tokens)[:, -1:])

@@ -206,6 +206,12 @@ class MinimalLlama(nn.Module):
 
         The KV cache is used only when ``input_pos`` is given: ``model(tokens)`` is always a plain causal pass.
         """
+        h = self.hidden_states(tokens, input_pos, pad)  # (B, T, dim)
+        return self.output(h[:, -1:] if last_only else h)  # (B, T, vocab)
+
+    def hidden_states(self, tokens: Tensor, input_pos: Tensor | None = None, pad: Tensor | None = None) -> Tensor:
+        """Everything but the head: the final normalized hidden states (B, T, dim). A loss that never builds the
+        full (B, T, vocab) logits (a fused linear cross-entropy) starts from here."""
         B, T = tokens.shape
         use_cache = input_pos is not None and self.cache_len > 0
         if input_pos is None:
@@ -219,9 +225,7 @@ class MinimalLlama(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, rope, mask, input_pos if use_cache else None)
-        if last_only:
-            h = h[:, -1:]
-        return self.output(self.norm(h))  # (B, T, vocab)
+        return self.norm(h)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:

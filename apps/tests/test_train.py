@@ -1,0 +1,73 @@
+"""Smoke tests of apps/train.py, run as a user would: one process, then torchrun with 2 CPU ranks killed and
+resumed."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+APPS = Path(__file__).parents[1]
+SMALL = ["--steps", "6", "--ckpt-every", "3", "--sample-every", "6", "--seq-len", "32", "--batch-size", "4"]
+ENV = {**os.environ, "MINLLAMA_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def train(*args, ranks: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+    return subprocess.run([sys.executable, *launcher, str(APPS / "train.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=APPS.parent, env=ENV)
+
+
+def losses(out: Path) -> list[float]:
+    return [float(line.split(",")[1]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
+
+
+def test_train_two_ranks_killed_and_resumed_match_one_unbroken_process(tmp_path):
+    single = train(*SMALL, "--out", str(tmp_path / "one"), "--export-hf", str(tmp_path / "hf"))
+    assert single.returncode == 0, single.stderr
+    assert "[step 6] 'The fox" in single.stdout  # a sample was printed
+    unbroken = losses(tmp_path / "one")
+    assert len(unbroken) == 6 and unbroken[-1] < unbroken[0] - 0.5  # it learns
+
+    killed = train(*SMALL, "--out", str(tmp_path / "two"), "--crash-at-step", "4", ranks=2)
+    assert killed.returncode != 0  # rank 0 SIGKILLed itself after step 4; torchrun stops the other rank
+    assert len(losses(tmp_path / "two")) == 4
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step_00000003"]
+
+    resumed = train(*SMALL, "--out", str(tmp_path / "two"), ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and "step 3" in resumed.stderr
+    # sharded over 2 ranks, killed and resumed == one process, never interrupted
+    assert losses(tmp_path / "two") == pytest.approx(unbroken, abs=1e-5)
+
+    from minllama.core import load_pretrained  # the exported model loads in core
+    model, _ = load_pretrained(tmp_path / "hf")
+    assert model.config.vocab_size == 256
+
+
+def test_train_bad_arguments_are_one_clear_line(tmp_path):
+    for args in (["--corpus", str(tmp_path / "missing.txt")], ["--config", "tiny-nope"], ["--seq-len", "4096"]):
+        out = train(*args, "--out", str(tmp_path / "x"))
+        assert out.returncode != 0
+        assert out.stderr.strip().splitlines()[-1].startswith("error: "), out.stderr
+    (tmp_path / "y" / "checkpoints" / "step_00000005").mkdir(parents=True)  # a damaged (empty) checkpoint
+    out = train("--out", str(tmp_path / "y"), "--steps", "6")
+    assert out.returncode != 0 and "error: " in out.stderr and "incomplete checkpoint" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_train_help_documents_the_options():
+    out = train("--help")
+    for option in ["--steps", "--ckpt-every", "--batch-size", "--bf16", "--async-save", "--activation-checkpointing",
+                   "--export-hf", "--fresh", "torchrun"]:
+        assert option in out.stdout
+
+
+def test_bench_dist_prints_the_comparison():
+    out = subprocess.run([sys.executable, str(APPS / "bench_dist.py"), "--dim", "128", "--layers", "2", "--vocab",
+                          "512", "--steps", "1"], capture_output=True, text=True, timeout=300, cwd=APPS.parent, env=ENV)
+    assert out.returncode == 0, out.stderr
+    lines = {line.split("  ")[0]: line.split() for line in out.stdout.splitlines()}
+    assert "load average before" in out.stdout and "load average after" in out.stdout
+    ddp, fsdp = lines["unsharded (DDP)"], lines["FSDP2, prefetch 1"]
+    assert float(fsdp[-6]) == pytest.approx(float(ddp[-6]) / 2, rel=0.02)  # parameters: half per rank on 2 ranks

