@@ -1,0 +1,121 @@
+"""Put the kernels into a MinimalLlama from outside: core never imports this package.
+
+Each matching module gets its class swapped in place (``module.__class__ = KernelRMSNorm``): a subclass that
+only overrides ``forward``. Parameters, buffers, the KV cache, hooks and ``state_dict`` keys stay exactly the
+same, so optimizers, checkpoints and ``remove`` keep working. Only modules whose class is *exactly* core's are
+swapped: a subclass from another package (LoRA, quantization, ...) has its own forward that we must not replace.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from minllama.core.model import Attention, FeedForward, MinimalLlama, RMSNorm, TransformerBlock
+
+from .cross_entropy import fused_linear_cross_entropy
+from .decode_attention import decode_attention
+from .rmsnorm import rms_norm
+from .rope import rope_qk
+from .runtime import triton_usable
+from .swiglu import swiglu
+
+
+class KernelRMSNorm(RMSNorm):
+    """RMSNorm by the Triton kernel; ``norm(x, residual=r)`` returns ``(norm(x + r), x + r)`` from one kernel."""
+
+    def forward(self, x: Tensor, residual: Tensor | None = None):
+        return rms_norm(x, self.weight, self.eps, residual)
+
+
+class KernelAttention(Attention):
+    """Core's attention with q and k rotated by one fused RoPE launch, and the decode kernel for single-token
+    steps over the KV cache."""
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = rope_qk(q, k, rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        if input_pos is not None and T == 1:  # one new token over the cache: the decode kernel
+            y = decode_attention(q, k, v, mask)
+        else:
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                                 enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class KernelFeedForward(FeedForward):
+    """w2(swiglu(w1 x, w3 x)) with the fused SwiGLU kernel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
+
+
+class KernelTransformerBlock(TransformerBlock):
+    """The block with the second residual add fused into ffn_norm: one kernel computes x + attn and its norm."""
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        attn = self.attention(self.attention_norm(x), rope, mask, input_pos)
+        normed, x = self.ffn_norm(attn, residual=x)  # x <- x + attn, normed = ffn_norm(x + attn)
+        return x + self.feed_forward(normed)
+
+
+SWAPS = {RMSNorm: KernelRMSNorm, Attention: KernelAttention, FeedForward: KernelFeedForward}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def apply(model: MinimalLlama, *, rmsnorm: bool = True, rope: bool = True, swiglu: bool = True,
+          fuse_residual: bool = True) -> MinimalLlama:
+    """Swap the model's RMSNorm, Attention and FeedForward modules (and blocks, for the fused residual add) for
+    kernel versions, in place, when Triton can run on the model's device; otherwise leave it untouched.
+    Returns the model. ``remove(model)`` undoes it."""
+    if not triton_usable(model_device(model)):
+        return model
+    wanted = {RMSNorm: rmsnorm, Attention: rope, FeedForward: swiglu}
+    for module in model.modules():
+        if wanted.get(type(module)):
+            module.__class__ = SWAPS[type(module)]
+    if rmsnorm and fuse_residual:
+        for module in model.modules():
+            if type(module) is TransformerBlock and type(module.ffn_norm) is KernelRMSNorm:
+                module.__class__ = KernelTransformerBlock
+    return model
+
+
+def remove(model: MinimalLlama) -> MinimalLlama:
+    """Give every swapped module its core class back."""
+    originals = {KernelRMSNorm: RMSNorm, KernelAttention: Attention, KernelFeedForward: FeedForward,
+                 KernelTransformerBlock: TransformerBlock}
+    for module in model.modules():
+        if type(module) in originals:
+            module.__class__ = originals[type(module)]
+    return model
+
+
+def is_applied(model: MinimalLlama) -> bool:
+    return any(isinstance(m, (KernelRMSNorm, KernelAttention, KernelFeedForward)) for m in model.modules())
+
+
+def fused_loss(model: MinimalLlama, tokens: Tensor, targets: Tensor, ignore_index: int = -100,
+               reduction: str = "mean", label_smoothing: float = 0.0, chunk_size: int | None = None) -> Tensor:
+    """The training loss ``F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), ...)``, computed with
+    the fused linear cross-entropy on the model's final hidden states: the (B*T, vocab) logits never exist.
+
+    Works with or without ``apply``. An output head that is not a plain bias-free ``nn.Linear`` (e.g. wrapped by
+    LoRA or quantized) falls back to the ordinary logits + cross-entropy."""
+    if type(model.output) is not nn.Linear or model.output.bias is not None:
+        logits = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index,
+                                                 reduction=reduction, label_smoothing=label_smoothing)
+        return loss.view(targets.shape) if reduction == "none" else loss
+    hidden = model.hidden_states(tokens)  # (B, T, dim): everything but the head
+    return fused_linear_cross_entropy(hidden, model.output.weight, targets, ignore_index=ignore_index, reduction=reduction,
+                                      label_smoothing=label_smoothing, chunk_size=chunk_size)
