@@ -49,6 +49,15 @@ def slow(session: nox.Session) -> None:
                 success_codes=[0, 5])  # 5: no test is marked slow
 
 
+IMPORT_ALL = """
+import importlib, pkgutil, {module} as pkg
+names = [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
+for name in names:
+    importlib.import_module(name)
+print(pkg.__name__, "and", len(names), "modules import from", pkg.__path__[0])
+"""
+
+
 @nox.session
 def wheels(session: nox.Session) -> None:
     """Each package builds a wheel that installs and imports on its own, from the registry alone."""
@@ -58,7 +67,7 @@ def wheels(session: nox.Session) -> None:
     for wheel in sorted(out.glob("*.whl")):
         session.install(str(wheel))  # minllama-core first (sorted): siblings then find their only dependency
         module = "minllama." + wheel.name.split("-")[0].removeprefix("minllama_")
-        session.run("python", "-c", f"import {module}; print({module}.__name__, 'imports from', {module}.__file__)")
+        session.run("python", "-c", IMPORT_ALL.format(module=module))
 
 
 @nox.session
