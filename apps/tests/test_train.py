@@ -40,6 +40,9 @@ def test_train_two_ranks_killed_and_resumed_match_one_unbroken_process(tmp_path)
     # sharded over 2 ranks, killed and resumed == one process, never interrupted
     assert losses(tmp_path / "two") == pytest.approx(unbroken, abs=1e-5)
 
+    other = train(*SMALL[:-2], "--batch-size", "2", "--out", str(tmp_path / "two"))  # data settings changed
+    assert other.returncode != 0 and "resume with the same --seed/--batch-size/--seq-len" in other.stderr
+
     from minllama.core import load_pretrained  # the exported model loads in core
     model, _ = load_pretrained(tmp_path / "hf")
     assert model.config.vocab_size == 256

@@ -179,8 +179,8 @@ class MinimalLlama(nn.Module):
             raise ValueError(f"cache of {max_len} tokens exceeds the model's context of {self.config.max_seq_len}")
         ref = self.tok_embeddings.weight
         dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_len, self.config.head_dim,
+        for layer in self.layers:  # the layer's own head count: a tensor-parallel rank holds only some heads
+            layer.attention.kv_cache = KVCache(batch_size, layer.attention.n_kv_heads, max_len, self.config.head_dim,
                                                dtype=dtype, device=ref.device)
         self.cache_len = max_len
 

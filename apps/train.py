@@ -1,0 +1,160 @@
+"""Pretrain a tiny MinimalLlama from scratch on a small text, on one process or many (FSDP2), with checkpoints.
+
+    python apps/train.py --steps 300                                    # one process (GPU if there is one)
+    torchrun --standalone --nproc-per-node 2 apps/train.py --steps 300  # 2 processes, the model sharded (FSDP2)
+    MINLLAMA_DEVICE=cpu torchrun --standalone --nproc-per-node 2 apps/train.py   # 2 CPU processes (gloo)
+
+Tokens are bytes (vocab 256, the size of the tiny presets), so no tokenizer is needed. The default corpus,
+apps/data/fables.txt, is original text dedicated to the public domain (CC0). Every --ckpt-every steps a DCP
+checkpoint is written to OUT/checkpoints/ (atomically; the newest --keep are kept). Running the same command again
+resumes from the latest checkpoint: same data order, same RNG, so the loss curve continues exactly as if the run
+had never stopped. OUT/loss.csv holds the loss of every step; samples of generated text are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from minllama.core import CheckpointError, LlamaConfig
+from minllama.core.config import PRESETS
+from minllama.dist import (CheckpointManager, TokenBatches, apply_fsdp, data_parallel_mesh, dcp_to_hf,
+                           init_distributed, init_from_rank0, materialize, meta_model, shutdown, train_step)
+
+DEFAULT_CORPUS = Path(__file__).parent / "data" / "fables.txt"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny-gqa", help="model preset with vocab_size 256 (default tiny-gqa)")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="a UTF-8 text file (default: the fables)")
+    p.add_argument("--out", type=Path, default=Path("runs/train"), help="checkpoints, loss.csv (default runs/train)")
+    p.add_argument("--steps", type=int, default=300, help="total optimizer steps (default 300)")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch, split across the ranks (default 8)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per training window (default 64)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    p.add_argument("--seed", type=int, default=0, help="weights and data order (default 0)")
+    p.add_argument("--ckpt-every", type=int, default=50, help="checkpoint period in steps (default 50)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep (default 2)")
+    p.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
+    p.add_argument("--sample-every", type=int, default=100, help="print a generated sample every N steps")
+    p.add_argument("--prompt", default="The fox", help="the start of the printed samples")
+    p.add_argument("--bf16", action="store_true", help="compute in bf16 (fp32 master weights and reductions)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in OUT (start over)")
+    p.add_argument("--export-hf", type=Path, help="at the end, also write the model as an HF directory here")
+    p.add_argument("--crash-at-step", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL self after that step
+    return p.parse_args(argv)
+
+
+def encode(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def decode(ids) -> str:
+    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+@torch.no_grad()
+def sample(model, prompt: str, new_tokens: int, device) -> str:
+    """Greedy continuation without a KV cache: every rank runs it (the sharded forward is collective)."""
+    model.eval()
+    tokens = encode(prompt)[None].to(device)  # (1, T)
+    for _ in range(new_tokens):
+        window = tokens[:, -model.config.max_seq_len:]
+        nxt = model(window)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        tokens = torch.cat([tokens, nxt], dim=1)
+    model.train()
+    return decode(tokens[0].tolist())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.config.lower() not in PRESETS:
+        sys.exit(f"error: unknown --config {args.config!r}")
+    cfg = LlamaConfig.from_name(args.config)
+    if cfg.vocab_size < 256:
+        sys.exit(f"error: --config {args.config} has vocab_size {cfg.vocab_size}; byte tokens need 256")
+    if args.seq_len > cfg.max_seq_len:
+        sys.exit(f"error: --seq-len {args.seq_len} exceeds the context of {args.config} ({cfg.max_seq_len})")
+    if not args.corpus.is_file():
+        sys.exit(f"error: --corpus {args.corpus}: no such file")
+    device = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.batch_size % world:
+        sys.exit(f"error: --batch-size {args.batch_size} must be a multiple of the {world} ranks")
+    main_rank = rank == 0
+
+    # The model: built on the meta device, sharded, and only then allocated (each rank: its shards only). Rank 0
+    # draws the initial weights and broadcasts them, so that 1 and N ranks start from the same numbers.
+    model = meta_model(cfg)
+    apply_fsdp(model, data_parallel_mesh(device), param_dtype=torch.bfloat16 if args.bf16 else None,
+               activation_checkpointing=args.activation_checkpointing)
+    materialize(model, device, init=False)
+    init_from_rank0(model, args.seed)
+    torch.manual_seed(args.seed + rank)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    data = TokenBatches(encode(args.corpus.read_text("utf-8")), args.seq_len, args.batch_size, seed=args.seed)
+
+    manager = CheckpointManager(args.out / "checkpoints", keep=args.keep, async_save=args.async_save)
+    loss_log = args.out / "loss.csv"
+    start = 0
+    try:
+        state = None if args.fresh else manager.load_latest(model, optimizer)
+    except CheckpointError as e:  # every rank raises the same error (the check reads only the shared filesystem)
+        sys.exit(f"error: {e} (or start over with --fresh)")
+    run_shape = {"seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len}
+    if state is not None:
+        changed = {k: (state.get(k), v) for k, v in run_shape.items() if state.get(k) != v}
+        if changed:  # the data position counts batches of one shape and order: it means nothing for another
+            sys.exit(f"error: {manager.latest()} was trained with other data settings {changed} (checkpoint, now): "
+                     f"resume with the same --seed/--batch-size/--seq-len, or start over with --fresh")
+        start, data.position = state["step"], state["data_position"]
+        if main_rank:
+            print(f"resumed from {manager.latest()} (step {start})", file=sys.stderr)
+    if main_rank:  # the loss log continues from the checkpoint: drop the rows of steps that are being redone
+        args.out.mkdir(parents=True, exist_ok=True)
+        rows = loss_log.read_text().splitlines()[1:] if loss_log.is_file() and start else []
+        kept = [r for r in rows if int(r.split(",")[0]) <= start]
+        loss_log.write_text("".join(line + "\n" for line in ["step,loss", *kept]))
+
+    from tqdm import tqdm  # only the main rank draws a progress bar
+
+    bar = tqdm(total=args.steps, initial=start, disable=not main_rank, unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step in range(start + 1, args.steps + 1):
+        loss = train_step(model, optimizer, data.next_for_rank(rank, world).to(device))
+        if main_rank:
+            with open(loss_log, "a") as f:
+                f.write(f"{step},{loss:.7f}\n")
+        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.update()
+        if step % args.ckpt_every == 0 or step == args.steps:
+            manager.save(step, model, optimizer, {"data_position": data.position, **run_shape})
+        if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+            text = sample(model, args.prompt, 48, device)
+            if main_rank:
+                bar.write(f"[step {step}] {text!r}")
+        if step == args.crash_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # as abrupt as a power cut: no cleanup, no final save
+    manager.wait()
+    bar.close()
+    if main_rank:
+        done = args.steps - start
+        print(f"done: {done} steps in {time.perf_counter() - t0:.1f}s on {world} rank(s) ({device.type}); "
+              f"checkpoint {manager.latest()}; losses in {loss_log}", file=sys.stderr)
+        if args.export_hf:
+            dcp_to_hf(manager.latest(), args.export_hf)
+            print(f"exported {args.export_hf} (load it with minllama.core.load_pretrained)", file=sys.stderr)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

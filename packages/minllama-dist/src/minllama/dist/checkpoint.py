@@ -1,0 +1,379 @@
+"""Distributed checkpoints (DCP): every rank writes its own shards, in parallel, and any number of ranks reads them.
+
+A checkpoint directory, as written here:
+
+    step_00000100/
+        .metadata          DCP's index: for every tensor, its global shape and which byte range of which file holds
+                           which slice (the "chunks"). Written last, by rank 0, from all ranks' plans.
+        __0_0.distcp ...   the data: one file per writing rank, holding that rank's shards
+        train_state.json   step, data position, world size, model config (ours, written by rank 0)
+        rng/rank0.pt ...   each rank's random-number-generator state (ours)
+
+Resharding (N ranks wrote it, M ranks read it) needs no conversion: each reading rank asks for the slices *its*
+shards cover (global offsets from its DTensor placement), and DCP's planner finds them in the saved chunks and
+reads those byte ranges. M = 1 with a plain, unsharded model asks for whole tensors.
+
+Saves are atomic: everything is written to ``.step_N.tmp/`` and renamed to ``step_N/`` only when every rank has
+finished, so a crash mid-save leaves the previous checkpoint untouched (the half-written temp is ignored and later
+deleted). The newest ``keep`` checkpoints are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+
+from minllama.core import CheckpointError, LlamaConfig, MinimalLlama, load_pretrained, save_hf, save_meta
+
+from .fsdp import rebuild_rope
+
+STEP_DIR = re.compile(r"step_(\d{8})")
+STATE_FILE = "train_state.json"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _dist_kwargs() -> dict:
+    """Without a process group, tell DCP so explicitly (one process reads or writes everything)."""
+    return {} if dist.is_initialized() else {"no_dist": True}
+
+
+@contextmanager
+def _single_process_ok():
+    """DCP warns when it runs without a process group; here that is intended (one process reads or writes it all)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _config_dict(cfg: LlamaConfig) -> dict:
+    d = cfg.to_dict()
+    d.pop("name", None)
+    return d
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def check_checkpoint(path: str | os.PathLike) -> dict:
+    """Raise one clear CheckpointError if ``path`` is not a complete checkpoint; else return its train state.
+
+    Runs on every rank *before* any collective, reading only the shared filesystem, so every rank reaches the same
+    verdict and raises together: a damaged checkpoint never leaves some ranks waiting in a collective.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    state_file, meta_file = path / STATE_FILE, path / ".metadata"
+    if not meta_file.is_file() or not state_file.is_file():
+        missing = [f.name for f in (meta_file, state_file) if not f.is_file()]
+        raise CheckpointError(f"{path} is an incomplete checkpoint (missing {', '.join(missing)}): the save was "
+                              "interrupted or the directory is not a DCP checkpoint; load the previous one")
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{state_file} is corrupt ({e}): load the previous checkpoint") from None
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"{meta_file} is corrupt ({type(e).__name__}: {e}): load the previous checkpoint") \
+            from None
+    needed: dict[str, int] = {}  # file -> bytes the index says it holds
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path} is incomplete: shard file {name} is missing (was it written by all "
+                                  "ranks and copied completely?)")
+        if f.stat().st_size < size:
+            raise CheckpointError(f"{path}: shard file {name} is truncated ({f.stat().st_size} of {size} bytes): "
+                                  "load the previous checkpoint")
+    state["_keys"] = sorted(metadata.state_dict_metadata)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+def _state(model, optimizer) -> dict:
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _write_side_files(tmp: Path, model: MinimalLlama, train_state: dict) -> None:
+    """Each rank's RNG state, and (rank 0) the train state and model config."""
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
+    if _rank() == 0:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        state = {**train_state, "world_size": world, "config": _config_dict(model.config)}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rank 0 renames the finished temp directory into place (a rename is atomic on one filesystem)."""
+    if final.exists():  # the same step saved again: move the old one aside first, then drop it
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def save_checkpoint(path: str | os.PathLike, model: MinimalLlama, optimizer=None, train_state: dict | None = None,
+                    ) -> Path:
+    """Save model (+ optimizer) + train state to ``path`` atomically; every rank calls it. Returns ``path``."""
+    final = Path(path).absolute()
+    tmp = final.with_name(f".{final.name}.tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
+        tmp.mkdir(parents=True)
+    _barrier()
+    _write_side_files(tmp, model, train_state or {})
+    with _single_process_ok():
+        dcp.save(_state(model, optimizer), checkpoint_id=str(tmp), **_dist_kwargs())
+    _barrier()  # every rank's shards are on disk
+    if _rank() == 0:
+        _publish(tmp, final)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, model: MinimalLlama, optimizer=None) -> dict:
+    """Load ``path`` into ``model`` (sharded or not, any world size) and ``optimizer``; returns the train state.
+
+    Restores this rank's RNG state when the checkpoint has one for it (same or larger world size).
+    ``state["optimizer_restored"]`` says whether optimizer state was in the checkpoint (converted checkpoints hold
+    weights only).
+    """
+    path = Path(path)
+    state = check_checkpoint(path)
+    keys = state.pop("_keys")
+    if state.get("config") is not None and state["config"] != _config_dict(model.config):
+        diff = {k: (v, state["config"].get(k)) for k, v in _config_dict(model.config).items()
+                if state["config"].get(k) != v}
+        raise CheckpointError(f"{path} holds another model: config differs in {diff} (model, checkpoint)")
+    with_optim = optimizer is not None and any(k.startswith("optim.") for k in keys)  # DCP flattens nested keys
+    target = _state(model, optimizer if with_optim else None)
+    try:
+        with _single_process_ok():
+            dcp.load(target, checkpoint_id=str(path), **_dist_kwargs())
+    except Exception as e:  # DCP gathers every rank's errors, so all ranks raise together
+        raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {e}") from None
+    if with_optim:
+        set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    else:
+        set_model_state_dict(model, target["model"])
+    rng = path / "rng" / f"rank{_rank()}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=True))
+    state["optimizer_restored"] = with_optim
+    return state
+
+
+@dataclass
+class CheckpointManager:
+    """Periodic checkpoints under ``root``: ``step_00000100/``, ...; keeps the newest ``keep``.
+
+    With ``async_save`` the tensors are copied to CPU memory and written by a background thread while training
+    goes on; the checkpoint is published (renamed into place) at the next ``save`` or ``wait()``. The background
+    writer talks over its own gloo group so that its collectives never interleave with the training's.
+    """
+
+    root: Path
+    keep: int = 2
+    async_save: bool = False
+    _pending: tuple | None = field(default=None, repr=False)
+    _group: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.root = Path(self.root).absolute()
+        if self.keep < 1:
+            raise ValueError("keep must be at least 1: the last good checkpoint is what a resume needs")
+        if self.async_save and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")  # collective: every rank creates the manager
+
+    def checkpoints(self) -> list[Path]:
+        """Published checkpoints, oldest first (temp directories of unfinished saves are not listed)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(self, step: int, model: MinimalLlama, optimizer=None, train_state: dict | None = None) -> None:
+        self.wait()
+        final = self.root / f"step_{step:08d}"
+        if not self.async_save:
+            save_checkpoint(final, model, optimizer, {"step": step, **(train_state or {})})
+            self._prune()
+            return
+        tmp = final.with_name(f".{final.name}.tmp")
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        _write_side_files(tmp, model, {"step": step, **(train_state or {})})
+        future = dcp.async_save(_state(model, optimizer), checkpoint_id=str(tmp), process_group=self._group,
+                                **_dist_kwargs())
+        self._pending = (future, tmp, final)
+
+    def wait(self) -> None:
+        """Finish a pending asynchronous save and publish it (every rank calls it)."""
+        if self._pending is None:
+            return
+        future, tmp, final = self._pending
+        self._pending = None
+        result = future.result()
+        if hasattr(result, "upload_completion"):  # newer PyTorch: staging and upload are two futures
+            result.upload_completion.result()
+        _barrier()
+        if _rank() == 0:
+            _publish(tmp, final)
+        _barrier()
+        self._prune()
+
+    def _prune(self) -> None:
+        if _rank() == 0:
+            for old in self.checkpoints()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in self.root.glob(".step_*.tmp"):  # interrupted saves (none is in flight here)
+                if self._pending is None or stale != self._pending[1]:
+                    shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+
+    def load_latest(self, model: MinimalLlama, optimizer=None) -> dict | None:
+        """Load the newest published checkpoint; None when there is none (a fresh run)."""
+        latest = self.latest()
+        return None if latest is None else load_checkpoint(latest, model, optimizer)
+
+
+# ----------------------------------------------------------------------------- conversion to and from core formats
+def read_config(path: str | os.PathLike) -> LlamaConfig:
+    """The model config stored in a checkpoint written here."""
+    state = check_checkpoint(path)
+    if "config" not in state:
+        raise CheckpointError(f"{path}/{STATE_FILE} has no model config: not written by minllama.dist")
+    return LlamaConfig(**state["config"])
+
+
+def dcp_to_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> MinimalLlama:
+    """Gather a (sharded) DCP checkpoint into one full, unsharded model in this process (any world size wrote it)."""
+    model = MinimalLlama(read_config(path)).to(device)
+    sd = model.state_dict()
+    try:
+        with _single_process_ok():
+            dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the weights of {path}: {type(e).__name__}: {e}") from None
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+def dcp_to_hf(path: str | os.PathLike, out: str | os.PathLike, tokenizer=None) -> None:
+    """DCP checkpoint -> HF directory (config.json + model.safetensors) that ``load_pretrained`` and transformers
+    read. Needs one full model in memory: the output is a single-file format."""
+    save_hf(dcp_to_model(path), out, tokenizer)
+
+
+def dcp_to_meta(path: str | os.PathLike, out: str | os.PathLike, tokenizer=None) -> None:
+    """DCP checkpoint -> Meta directory (params.json + consolidated.00.pth)."""
+    save_meta(dcp_to_model(path), out, tokenizer)
+
+
+def core_to_dcp(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """A checkpoint that ``minllama.core.load_pretrained`` reads (HF, Meta, GGUF, a known name) -> DCP (weights
+    only, step 0): the starting point of distributed fine-tuning. Runs in one process."""
+    model, _ = load_pretrained(source, with_tokenizer=False)
+    final = Path(path).absolute()
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {"step": 0, "world_size": 1, "config": _config_dict(model.config), "source": str(source)}
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    with _single_process_ok():
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), no_dist=True)
+    _publish(tmp, final)
+    return final
+
+
+def load_pretrained_sharded(source: str | os.PathLike, shard, device: torch.device) -> MinimalLlama:
+    """Load a core checkpoint into a sharded model without building the full model on every rank.
+
+    Rank 0 alone reads the checkpoint (one full copy, on the CPU). Every rank builds the model on the ``meta``
+    device (no memory), applies ``shard(model)`` (e.g. ``lambda m: apply_fsdp(m, mesh)``), allocates only its
+    shards, and then ``set_model_state_dict(..., broadcast_from_rank0=True)`` sends the tensors one at a time from
+    rank 0; each rank keeps the slice its shards cover. Peak per rank: its shards + one tensor (rank 0: + the model).
+    """
+    from .fsdp import meta_model
+
+    if _rank() == 0:
+        full, _ = load_pretrained(source, with_tokenizer=False)
+        cfg = [full.config]
+    else:
+        full, cfg = None, [None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(cfg, src=0)  # the other ranks need the shapes before any weight arrives
+    model = shard(meta_model(cfg[0]))
+    model.to_empty(device=device)
+    broadcast_full_state(model, full.state_dict() if full is not None else None)
+    del full
+    return model
+
+
+def broadcast_full_state(model: MinimalLlama, full_state: dict | None) -> None:
+    """Fill a sharded (already allocated) model from one full state dict held by rank 0 only (None elsewhere).
+
+    Tensors travel one at a time; each rank keeps the slice its shards cover. Rebuilds the rope buffer."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
+    set_model_state_dict(model, full_state or {}, options=options)
+    rebuild_rope(model)
+
+
+def init_from_rank0(model: MinimalLlama, seed: int) -> MinimalLlama:
+    """Random-initialize a sharded model exactly as ``torch.manual_seed(seed); MinimalLlama(cfg).init_weights()``
+    would on one device, whatever the number of ranks: rank 0 draws the full model (on the CPU) and broadcasts it.
+
+    (``materialize(init=True)`` is cheaper, every rank drawing only its shards, but its numbers depend on the
+    world size; this one makes runs on 1 and N ranks comparable, which the tests and resumes rely on.)"""
+    full = None
+    if _rank() == 0:
+        torch.manual_seed(seed)
+        full = MinimalLlama(model.config)
+        full.init_weights()
+    broadcast_full_state(model, full.state_dict() if full is not None else None)
+    return model

@@ -1,0 +1,72 @@
+"""Run a function on N forked ranks of a gloo group and collect what each returns (never hangs: timeouts)."""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from minllama.core import LlamaConfig, MinimalLlama
+from minllama.dist.launch import free_port
+
+GROUP_TIMEOUT = timedelta(seconds=60)  # a collective waiting longer than this raises instead of hanging
+
+
+def tiny_model(name: str = "tiny-gqa", seed: int = 0, **overrides) -> MinimalLlama:
+    torch.manual_seed(seed)
+    model = MinimalLlama(LlamaConfig.from_name(name, **overrides))
+    model.init_weights()
+    return model
+
+
+def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), MINLLAMA_DEVICE="cpu")
+    torch.set_num_threads(1)
+    result_file = Path(out_dir) / f"rank{rank}.pt"
+    try:
+        dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
+        result = fn(rank, world, *args)
+        torch.save({"ok": result}, result_file)
+    except BaseException as e:  # report the error to the parent instead of a bare exit code
+        torch.save({"error": f"{type(e).__name__}: {e}", "type": type(e).__name__,
+                    "trace": traceback.format_exc()}, result_file)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, *args, tmp: Path, timeout: float = 120.0) -> list:
+    """fn(rank, world, *args) on ``world`` forked processes; returns the per-rank results (or raises).
+
+    A rank's exception comes back as {"error": ..., "type": ...} in its slot, so tests can assert on errors.
+    The whole run is killed after ``timeout`` seconds: a hang fails the test.
+    """
+    out = Path(tmp) / f"ranks-{time.monotonic_ns()}"
+    out.mkdir(parents=True)
+    ctx = mp.start_processes(_entry, args=(world, free_port(), str(out), fn, args), nprocs=world, join=False,
+                             start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"{fn.__name__} on {world} ranks did not finish in {timeout}s (hang)")
+    results = []
+    for r in range(world):
+        got = torch.load(out / f"rank{r}.pt", weights_only=False)
+        results.append(got.get("ok", got))
+    return results
+
+
+def ok(results: list) -> list:
+    """The results, or an AssertionError with the first rank's traceback."""
+    for r in results:
+        if isinstance(r, dict) and "error" in r and "trace" in r:
+            raise AssertionError(r["trace"])
+    return results
