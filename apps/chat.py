@@ -17,6 +17,7 @@ import torch
 from minllama.core.chat_format import chat_format_for
 from minllama.core.checkpoint import load_pretrained
 from minllama.core.generate import stream_text
+from minllama.extend.streaming import StreamingChat
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weight dtype (auto: bfloat16 on cuda, float32 elsewhere)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster decode)")
+    p.add_argument("--streaming", action="store_true",
+                   help="attention sinks + a rolling KV cache (StreamingLLM): the chat goes on past the context "
+                        "window in bounded memory, and each turn feeds only its new tokens")
     return p.parse_args(argv)
 
 
@@ -46,9 +50,13 @@ def answer(model, tokenizer, fmt, messages, args, generator) -> str:
     prompt = fmt.encode_dialog(tokenizer, messages)
     token_times: list[float] = []
     start, pieces = time.perf_counter(), []
-    for piece in stream_text(model, tokenizer, prompt, args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, generator=generator, compile=args.compile,
-                             on_token=lambda _: token_times.append(time.perf_counter())):
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
+                    on_token=lambda _: token_times.append(time.perf_counter()))
+    if args.session is not None:  # --streaming: one rolling cache for the whole conversation
+        pieces_in = args.session.stream_text(tokenizer, prompt, args.max_new_tokens, **sampling)
+    else:
+        pieces_in = stream_text(model, tokenizer, prompt, args.max_new_tokens, compile=args.compile, **sampling)
+    for piece in pieces_in:
         print(piece, end="", flush=True)
         pieces.append(piece)
     n = len(token_times)
@@ -73,6 +81,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     fmt = chat_format_for(tokenizer)
+    args.session = (StreamingChat(model, n_sink=4, window=min(2044, model.config.max_seq_len - 4))
+                    if args.streaming else None)
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     system = [{"role": "system", "content": args.system}] if args.system else []
 
@@ -92,6 +102,8 @@ def main(argv=None) -> int:
             return 0
         if text == "/reset":
             messages = list(system)
+            if args.session is not None:
+                args.session.reset()
             print("(conversation cleared)")
             continue
         if not text:

@@ -18,6 +18,14 @@ def test_chat_answers_the_readme_question_with_paris():
     assert "tok/s" in out.stderr
 
 
+def test_chat_streaming_mode_gives_the_same_greedy_answer():
+    """--streaming (attention sinks + rolling cache) equals plain decoding while the window is not full."""
+    args = ["--prompt", "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "24"]
+    plain, streaming = run(APPS / "chat.py", *args), run(APPS / "chat.py", *args, "--streaming")
+    assert streaming.returncode == 0, streaming.stderr
+    assert streaming.stdout == plain.stdout and "Paris" in streaming.stdout
+
+
 def test_chat_keeps_the_conversation_and_understands_commands():
     stdin = "My name is Ada.\n/reset\nHello\n/quit\n"
     out = subprocess.run([sys.executable, APPS / "chat.py", "--temperature", "0", "--max-new-tokens", "12"],
