@@ -320,7 +320,7 @@ _CHECKPOINT_FILES = ("config.json", "params.json")
 
 
 def _weights_dtype(model: MinimalLlama) -> torch.dtype:
-    return model.tok_embeddings.weight.dtype
+    return model.norm.weight.dtype  # a plain parameter in every model (wrapped or quantized modules may not be)
 
 
 def _hf_name(name: str) -> str:

@@ -177,8 +177,8 @@ class MinimalLlama(nn.Module):
         max_len = max_len or self.config.max_seq_len
         if max_len > self.config.max_seq_len:
             raise ValueError(f"cache of {max_len} tokens exceeds the model's context of {self.config.max_seq_len}")
-        ref = self.tok_embeddings.weight
-        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
+        ref = self.norm.weight  # a plain parameter even when other modules are quantized or wrapped
+        dtype = dtype or ref.dtype
         for layer in self.layers:  # the layer's own head count: a tensor-parallel rank holds only some heads
             layer.attention.kv_cache = KVCache(batch_size, layer.attention.n_kv_heads, max_len, self.config.head_dim,
                                                dtype=dtype, device=ref.device)
