@@ -76,6 +76,19 @@ def bench_ours(args, compile: bool) -> dict:
                 warmup_s=warmup_s)
 
 
+def bandwidth_bound(args) -> dict:
+    """Decode tok/s if a step did nothing but read each weight matrix once (the matrix-vector products)."""
+    from minllama.core.checkpoint import load_pretrained
+
+    model, _ = load_pretrained(MODEL, dtype=torch.float32, device=args.device, with_tokenizer=False)
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = {w.shape[1]: torch.randn(1, w.shape[1], device=args.device) for w in weights}
+    with torch.no_grad():
+        step = timed(lambda: [torch.nn.functional.linear(x[w.shape[1]], w) for w in weights], args.device, repeat=5)
+    gb = sum(w.numel() * w.element_size() for w in weights) / 1e9
+    return dict(decode_tok_s=1 / step, gb=gb, gb_s=gb / step)
+
+
 def bench_hf(args, compile: bool) -> dict:
     from transformers import LlamaForCausalLM
 
@@ -115,11 +128,20 @@ def worker(args) -> None:
     torch.manual_seed(0)
     fn = bench_ours if impl == "minllama" else bench_hf
     try:
-        result = fn(args, compile=mode == "compiled")
+        result = bandwidth_bound(args) if mode == "bound" else fn(args, compile=mode == "compiled")
         result["peak_mb"] = peak_memory_mb(args.device)
     except Exception as e:  # report and go on with the other measurements
         result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
     print("RESULT " + json.dumps(result))
+
+
+def run_worker(args, what: str) -> dict:
+    """Run one measurement in a fresh process (so its peak memory is its own) and return its result."""
+    cmd = [sys.executable, __file__, "--worker", what, "--prompt-len", str(args.prompt_len),
+           "--new-tokens", str(args.new_tokens), "--device", args.device]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    return json.loads(line[7:]) if line else {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:120]}
 
 
 def main() -> None:
@@ -148,17 +170,16 @@ def main() -> None:
     print(header + "\n" + "-" * len(header))
     results = {}
     for impl, mode in runs:
-        cmd = [sys.executable, __file__, "--worker", f"{impl}:{mode}", "--prompt-len", str(args.prompt_len),
-               "--new-tokens", str(args.new_tokens), "--device", args.device]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        r = json.loads(line[7:]) if line else {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:120]}
-        results[impl, mode] = r
+        results[impl, mode] = r = run_worker(args, f"{impl}:{mode}")
         if "error" in r:
             print(f"{impl:<14} {mode:<9} failed: {r['error']}")
         else:
             print(f"{impl:<14} {mode:<9} {r['load_s']:>7.1f} {r['prefill_tok_s']:>14.0f} {r['decode_tok_s']:>13.1f} "
                   f"{r['peak_mb']:>8.0f} {r['warmup_s']:>9.1f}", flush=True)
+    bound = run_worker(args, "minllama:bound")
+    if "error" not in bound:
+        print(f"memory-bandwidth bound: the {bound['gb']:.2f} GB of weight matrices read once per token at "
+              f"{bound['gb_s']:.1f} GB/s -> at most {bound['decode_tok_s']:.1f} decode tok/s")
     for mode in ("eager", "compiled"):
         ours, theirs = results.get(("minllama", mode), {}), results.get(("transformers", mode), {})
         if "decode_tok_s" in ours and "decode_tok_s" in theirs:
