@@ -111,7 +111,7 @@ def main() -> None:
     for row, (mib, load_s, prefill, decode, ppl, load) in results.items():
         speedup = f"{decode / base[3]:.2f}x" if base else "-"
         dppl = f"{100 * (ppl / base[4] - 1):+.2f}%" if base and tokens is not None else "-"
-        print(f"| {row} | {mib:.0f} | {load_s:.1f} | {prefill:.0f} | {decode:.1f} | {speedup} | {ppl:.3f} | {dppl} "
+        print(f"| {row} | {mib:.0f} | {load_s:.1f} | {prefill:.0f} | {decode:.1f} | {speedup} | {'-' if tokens is None else f'{ppl:.3f}'} | {dppl} "
               f"| {load:.1f} |")
     print(f"\nload average at the end: {os.getloadavg()}")
 
