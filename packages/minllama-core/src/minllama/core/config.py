@@ -59,9 +59,9 @@ class LlamaConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> "LlamaConfig":
         key = name.lower()
-        if key not in PRESETS:
-            raise KeyError(f"unknown model config {name!r}; known: {', '.join(sorted(PRESETS))}")
-        return dataclasses.replace(PRESETS[key], name=key, **overrides)
+        if key not in _PRESET_ARGS:
+            raise KeyError(f"unknown model config {name!r}; known: {', '.join(sorted(_PRESET_ARGS))}")
+        return cls(**{**_PRESET_ARGS[key], **overrides}, name=key)  # derived fields follow the overrides
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,32 +71,33 @@ _L31 = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, origin
 _L32 = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
 _L3 = dict(vocab_size=128256, rope_theta=500000.0, norm_eps=1e-5)
 
-PRESETS: dict[str, LlamaConfig] = {
-    "llama2-7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008),
-    "llama2-13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824),
-    "llama2-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672),
-    "llama3-8b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, max_seq_len=8192, **_L3),
-    "llama3.1-8b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
-                               max_seq_len=131072, rope_scaling=_L31, **_L3),
-    "llama3.1-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672,
-                                max_seq_len=131072, rope_scaling=_L31, **_L3),
-    "llama3.2-1b": LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
-                               max_seq_len=131072, rope_scaling=_L32, tie_embeddings=True, **_L3),
-    "llama3.2-3b": LlamaConfig(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192,
-                               max_seq_len=131072, rope_scaling=_L32, tie_embeddings=True, **_L3),
-    "tinyllama-1.1b": LlamaConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048),
-    "smollm2-135m": LlamaConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
-                                rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
-    "smollm2-360m": LlamaConfig(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560,
-                                rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
-    "smollm2-1.7b": LlamaConfig(vocab_size=49152, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192,
-                                rope_theta=130000.0, max_seq_len=8192, tie_embeddings=True),
+_PRESET_ARGS: dict[str, dict] = {
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672),
+    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, max_seq_len=8192, **_L3),
+    "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                        max_seq_len=131072, rope_scaling=_L31, **_L3),
+    "llama3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672,
+                         max_seq_len=131072, rope_scaling=_L31, **_L3),
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+                        max_seq_len=131072, rope_scaling=_L32, tie_embeddings=True, **_L3),
+    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192,
+                        max_seq_len=131072, rope_scaling=_L32, tie_embeddings=True, **_L3),
+    "tinyllama-1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048),
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
+                         rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    "smollm2-360m": dict(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560,
+                         rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    "smollm2-1.7b": dict(vocab_size=49152, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192,
+                         rope_theta=130000.0, max_seq_len=8192, tie_embeddings=True),
     # Tiny configs for tests and from-scratch experiments: seconds on a CPU.
-    "tiny-mha": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=128, max_seq_len=128),
-    "tiny-gqa": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=128),
-    "tiny-mqa": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=1, hidden_dim=128, max_seq_len=128,
-                            tie_embeddings=True),
-    "tiny-llama3": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160,
-                               rope_theta=500000.0, max_seq_len=256,
-                               rope_scaling=RopeScaling(factor=8.0, original_max_seq_len=32)),
+    "tiny-mha": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=128, max_seq_len=128),
+    "tiny-gqa": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=128),
+    "tiny-mqa": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=1, hidden_dim=128, max_seq_len=128,
+                     tie_embeddings=True),
+    "tiny-llama3": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160,
+                        rope_theta=500000.0, max_seq_len=256,
+                        rope_scaling=RopeScaling(factor=8.0, original_max_seq_len=32)),
 }
+PRESETS: dict[str, LlamaConfig] = {name: LlamaConfig(**args, name=name) for name, args in _PRESET_ARGS.items()}

@@ -28,7 +28,7 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, t
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
+    if top_k and top_k < logits.size(-1):  # None or 0: no top-k truncation
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1): the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
@@ -41,8 +41,10 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, t
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+def _cache_bucket(n: int) -> int:
+    """Cache length for n tokens: a power of two, at least 256. A chat whose prompt grows reallocates (and, with
+    ``compile``, recompiles the decode step) only when it crosses a power of two: a handful of times per context."""
+    return max(256, 1 << (n - 1).bit_length())
 
 
 def _decode_step(model: MinimalLlama, token: Tensor, input_pos: Tensor, pad: Tensor | None) -> Tensor:
@@ -75,8 +77,7 @@ def generate_stream(model: MinimalLlama, prompts: Sequence[Sequence[int]], max_n
         raise ValueError(f"the prompt has {T} tokens but the model's context is {cfg.max_seq_len}: "
                          f"shorten the prompt (or reset the conversation) to leave room for an answer")
     max_new_tokens = min(max_new_tokens, cfg.max_seq_len - T)
-    # One static cache shape per 256 tokens, reused across calls: no reallocation and no recompilation.
-    needed = min(_round_up(T + max_new_tokens, 256), cfg.max_seq_len)
+    needed = min(_cache_bucket(T + max_new_tokens), cfg.max_seq_len)  # reused by later calls that fit in it
     if model.cache_len < needed or model.layers[0].attention.kv_cache.k.size(0) != B:
         model.setup_cache(B, needed)
     tokens = torch.tensor([[pad_id] * (T - n) + list(p) for n, p in zip(lengths, prompts)], device=device)

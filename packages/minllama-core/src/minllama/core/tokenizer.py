@@ -30,6 +30,8 @@ from typing import Iterable
 
 import regex
 
+from .formats import gguf_field as gguf_value  # one reader of GGUF metadata for the weights and the tokenizer
+
 # The GPT-2 pre-tokenizer (also HF's ByteLevel(use_regex=True)): contractions, letters, numbers, other symbols
 # (each optionally after one space), and whitespace runs that leave their last space to the next word.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -418,19 +420,6 @@ def _hf_pre_tokenizer(spec: dict | None, path: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------------- loading
-
-
-def gguf_value(reader, key: str, default=None):
-    """A GGUF metadata value as str/int/float or a list of them (faster than ``field.contents()`` for the
-    50k-entry token lists: each string is one slice of the memory-mapped file)."""
-    import gguf
-
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    is_str = field.types[-1] == gguf.GGUFValueType.STRING
-    values = [bytes(field.parts[i]).decode("utf-8") if is_str else field.parts[i][0].item() for i in field.data]
-    return values if field.types[0] == gguf.GGUFValueType.ARRAY else values[0]
 
 
 def tokenizer_from_gguf(reader) -> Tokenizer:
