@@ -52,7 +52,8 @@ def _decode_step(model: MinimalLlama, token: Tensor, input_pos: Tensor, pad: Ten
 
 
 def compiled_decode_step(model: MinimalLlama):
-    """The decode step compiled once per model. Shapes never change (static KV cache), so it compiles once."""
+    """The decode step, compiled once per model. Its shapes are those of the static KV cache, so it recompiles only
+    when ``generate_stream`` grows the cache to the next power-of-two bucket."""
     if getattr(model, "_compiled_decode_step", None) is None:
         model._compiled_decode_step = torch.compile(_decode_step, fullgraph=True, dynamic=False)
     return model._compiled_decode_step
