@@ -49,9 +49,13 @@ NUMERALS = "x ² y ½ z ٣٤٥ and ⅷ １２３"
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")  # Meta's llama3/tokenizer.py pat_str
 META_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                  "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
-                  "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
-                 + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)])
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+                 + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - 9)])  # Meta's Llama 3.1+ list
+LLAMA30_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                     "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+                     "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+                    + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)])  # Meta's Llama 3.0 list
 
 
 def stream(tokenizer, ids) -> list[str]:
@@ -215,11 +219,12 @@ def llama3_oracle(llama3_file):
 
 
 def test_llama3_special_token_layout(llama3):
-    assert llama3.vocab_size == 128256 and (llama3.bos_id, llama3.eos_id, llama3.pad_id) == (128000, 128001, None)
-    assert [llama3.special_tokens[t] for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")] == \
-        [128006, 128007, 128009]
-    assert llama3.special_tokens["<|reserved_special_token_250|>"] == 128255
-    assert llama3.stop_ids == {128001, 128009} and llama3.family == "llama3"
+    assert llama3.vocab_size == 128256 and (llama3.bos_id, llama3.eos_id, llama3.pad_id) == (128000, 128001, 128004)
+    assert [llama3.special_tokens[t] for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+                                               "<|eot_id|>", "<|python_tag|>")] == [128006, 128007, 128008, 128009,
+                                                                                    128010]
+    assert llama3.special_tokens["<|reserved_special_token_246|>"] == 128255
+    assert llama3.stop_ids == {128001, 128008, 128009} and llama3.family == "llama3"
 
 
 @pytest.mark.parametrize("text", TEXTS + [NUMERALS, "<|begin_of_text|>x<|eot_id|>", "a\n\n\nb  \n c 1234567"])
@@ -423,10 +428,9 @@ def test_save_load_tiktoken(llama3, tmp_path):
     back = load_tokenizer(tmp_path)
     assert isinstance(back, TiktokenBPETokenizer) and not (tmp_path / "tiktoken_special_tokens.json").exists()
     assert (back.encoder, back.special_tokens) == (llama3.encoder, llama3.special_tokens)
-    llama31 = [*META_SPECIALS[:4], "<|finetune_right_pad_id|>", "<|step_id|>", *META_SPECIALS[6:8], "<|eom_id|>",
-               "<|eot_id|>", "<|python_tag|>", *META_SPECIALS[11:]]
-    custom = TiktokenBPETokenizer(tmp_path / "tokenizer.model", special_tokens=llama31)
-    assert custom.pad_id == 128004 and custom.stop_ids == {128001, 128008, 128009}
+    assert llama3.pad_id == 128004 and llama3.stop_ids == {128001, 128008, 128009}  # 3.1+ by default
+    custom = TiktokenBPETokenizer(tmp_path / "tokenizer.model", special_tokens=LLAMA30_SPECIALS)
+    assert custom.pad_id is None and custom.stop_ids == {128001, 128009}  # Llama 3.0: no pad, no <|eom_id|>
     custom.save(tmp_path / "31")
     assert load_tokenizer(tmp_path / "31").special_tokens == custom.special_tokens
 

@@ -45,11 +45,12 @@ GGUF_PRE_TOKENIZERS = {
     "gpt2": [GPT2_PATTERN], "default": [GPT2_PATTERN], "llama-bpe": [LLAMA3_PATTERN], "llama3": [LLAMA3_PATTERN],
     **{name: [r"\p{N}", GPT2_PATTERN] for name in ("smollm", "starcoder", "refact", "codeshell")},
 }
-# Meta's Llama 3 special tokens, ids 128000.. (right after the 128000 BPE ranks), in Meta's order.
+# Meta's Llama 3.1+ special tokens (ids 128000.., right after the 128000 BPE ranks), in Meta's order. Llama 3.0 has
+# the same ids for BOS/EOS, the headers and <|eot_id|>, and reserved names for the others, which it never emits.
 LLAMA3_SPECIAL_TOKENS = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|reserved_special_token_2|>", "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
-    "<|reserved_special_token_4|>", "<|eot_id|>", *(f"<|reserved_special_token_{i}|>" for i in range(5, 251)),
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+    "<|eot_id|>", "<|python_tag|>", *(f"<|reserved_special_token_{i}|>" for i in range(2, 247)),
 ]
 # Tokens that end an assistant turn (or the whole document) in the chat formats we know.
 STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>")
