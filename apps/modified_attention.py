@@ -35,7 +35,6 @@ import math
 import os
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from minllama.core.checkpoint import atomic_write
 from minllama.core.config import LlamaConfig
 from minllama.core.generate import generate
 from minllama.core.model import Attention, KVCache, MinimalLlama, RMSNorm, TransformerBlock, apply_rope
@@ -223,18 +223,6 @@ def val_loss(model: MinimalLlama, batches: list[tuple[Tensor, Tensor]]) -> float
     loss = sum(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() for x, y in batches) / len(batches)
     model.train()
     return loss
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` into a temporary sibling, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def plot(history: dict, path: Path) -> None:

@@ -33,7 +33,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from minllama.core.checkpoint import atomic_write
 from minllama.core.config import LlamaConfig
 from minllama.core.generate import generate
 from minllama.core.model import MinimalLlama
@@ -334,18 +334,6 @@ def lr_at(step: int, total: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` into a temporary sibling, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def plot(evaluation: dict, train_max: float, path: Path) -> None:

