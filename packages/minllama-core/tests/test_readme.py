@@ -1,17 +1,11 @@
 """The tutorial is executable: every ```python block of the package README runs, in order, in one namespace."""
-import re
 from pathlib import Path
+
+from minllama.core.tutorial import python_blocks, run_python_blocks
 
 README = Path(__file__).parents[1] / "README.md"
 
 
-def python_blocks(path: Path) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
-
-
 def test_readme_snippets_run():
-    blocks = python_blocks(README)
-    assert len(blocks) >= 8
-    namespace: dict = {}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"{README.name} block {i + 1}", "exec"), namespace)
+    assert len(python_blocks(README)) >= 8
+    run_python_blocks(README)
