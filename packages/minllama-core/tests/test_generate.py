@@ -112,6 +112,15 @@ def test_compiled_decode_step_gives_the_same_tokens():
     assert generate(model, [[7, 8, 9]], 12, compile=True) == generate(model, [[7, 8, 9]], 12)
 
 
+def test_many_models_compile_in_one_process():
+    """Each model compiles its own copy of the decode step: with a recompile limit of 2 per code object, a third
+    model would fail (fullgraph=True) if all shared one function's compiled versions."""
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for name in ("tiny-gqa", "tiny-mqa", "tiny-mha"):
+            model = tiny_model(name)
+            assert generate(model, [[7, 8, 9]], 4, compile=True) == generate(model, [[7, 8, 9]], 4)
+
+
 def test_top_k_zero_means_no_truncation():
     logits = torch.randn(3, 20)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)

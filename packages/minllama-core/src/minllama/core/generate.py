@@ -9,6 +9,7 @@ row compute exactly what it would alone.
 """
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -53,9 +54,15 @@ def _decode_step(model: MinimalLlama, token: Tensor, input_pos: Tensor, pad: Ten
 
 def compiled_decode_step(model: MinimalLlama):
     """The decode step, compiled once per model. Its shapes are those of the static KV cache, so it recompiles only
-    when ``generate_stream`` grows the cache to the next power-of-two bucket."""
+    when ``generate_stream`` grows the cache to the next power-of-two bucket.
+
+    torch.compile keeps the versions it compiles on the Python *code object* it traced, and allows at most
+    ``torch._dynamo.config.recompile_limit`` (8) of them per code object. Shared by every model, ``_decode_step``
+    would fail on the 9th model compiled in one process (a benchmark comparing schemes, a notebook); each model gets
+    its own copy of the code instead, and its compiled versions go away with the model."""
     if getattr(model, "_compiled_decode_step", None) is None:
-        model._compiled_decode_step = torch.compile(_decode_step, fullgraph=True, dynamic=False)
+        own_code = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, "_decode_step")
+        model._compiled_decode_step = torch.compile(own_code, fullgraph=True, dynamic=False)
     return model._compiled_decode_step
 
 
