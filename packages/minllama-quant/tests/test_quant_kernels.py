@@ -102,3 +102,29 @@ def test_whole_model_paths_agree(scheme, opts):
     fast = model(tokens)
     tol = 0.05 * ref.abs().max().item()
     torch.testing.assert_close(fast, ref, rtol=0.05, atol=tol)
+
+
+KERNEL_OPS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu", "q8_0": "int4"}
+
+
+@pytest.mark.skipif(not kernels.has_int4_kernel(CPU), reason="no int4 kernel in this torch")
+@pytest.mark.parametrize("scheme,opts", [("int8", {}), ("int4", {"group_size": 32}), ("q8_0", {})])
+def test_compiled_decode_step_calls_the_kernels_and_matches_eager(scheme, opts):
+    """``generate(compile=True)`` on a quantized model: the compiled graph still calls PyTorch's low-bit kernel
+    (seen by the profiler) and gives the eager step's logits (the same bf16 roundings, fused differently)."""
+    from torch.profiler import profile
+
+    from minllama.core.generate import _decode_step, compiled_decode_step
+
+    model = quantize(tiny_model(), scheme, **opts)
+    model.setup_cache(1, 32)
+    model(torch.randint(0, 256, (1, 6)), torch.arange(6))
+    token, pos = torch.tensor([[7]]), torch.tensor([6])
+    with torch.no_grad():
+        eager = _decode_step(model, token, pos, None)
+        step = compiled_decode_step(model)
+        step(model, token, pos, None)  # compile
+        with profile() as prof:
+            compiled = step(model, token, pos, None)
+    assert any(KERNEL_OPS[scheme] in e.name for e in prof.events()), "the compiled step skipped the kernel"
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3 * eager.abs().max().item())

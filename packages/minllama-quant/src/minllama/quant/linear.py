@@ -145,11 +145,13 @@ class Int8Linear(QuantLinear):
     def _dequantize(self, rows):
         return numerics.dequantize_int8(self._take(self.qweight, rows), self._take(self.scales, rows))
 
-    def _make_pack(self, device):
-        return True if kernels.has_int8_kernel(device) and self.qweight.device == device else None
+    def _make_pack(self, device):  # the kernel's own scales: ones (see kernels.int8_mm)
+        if not (kernels.has_int8_kernel(device) and self.qweight.device == device):
+            return None
+        return torch.ones(self.out_features, dtype=torch.bfloat16, device=device)
 
     def _packed_mm(self, x):
-        return kernels.int8_mm(x, self.qweight, self.scales)
+        return kernels.int8_mm(x, self.qweight, self.scales, self._pack)
 
 
 class Int4Linear(QuantLinear):
