@@ -159,3 +159,29 @@ def test_gradients_flow_through_kernel_backed_modules(scheme, opts):
     layer(x).pow(2).sum().backward()
     want = 2 * (x.detach() @ layer.weight.T) @ layer.weight
     torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-5)
+
+
+def test_head_scheme_quantizes_only_the_output_head(tmp_path):
+    """head="int8" on an int4 model: the head (and the tied embedding that reads it) is int8, every other layer
+    int4; the head's own error shrinks to int8's; the checkpoint remembers the choice and checks it on load."""
+    model = tiny_model("tiny-mqa")  # tied embedding
+    w_head = model.output.weight.detach().clone()
+    quantize(model, "int4", group_size=32, head="int8")
+    kinds = {name: type(m).__name__ for name, m in quantized_modules(model).items()}
+    assert kinds.pop("output") == "Int8Linear" and set(kinds.values()) == {"Int4Linear"}
+    assert isinstance(model.tok_embeddings, QuantEmbedding) and model.tok_embeddings.head is model.output
+    head_err = (model.output.dequantize() - w_head).abs().max()
+    assert head_err <= model.output.scales.max() / 2 + 1e-6  # int8: half a step of its per-row scale
+    assert model.quant_config == {"scheme": "int4", "group_size": 32, "head": "int8"}
+
+    tokens = torch.randint(0, 256, (1, 8))
+    save_quantized(model, tmp_path / "q")
+    again = load_quantized(tmp_path / "q", scheme="int4", group_size=32, head="int8")
+    assert torch.equal(again(tokens), model(tokens))
+    with pytest.raises(QuantizationError, match=r"head='int8', not head=None"):
+        load_quantized(tmp_path / "q", head=None)
+    save_quantized(quantize(tiny_model(), "int4", group_size=32), tmp_path / "plain")
+    with pytest.raises(QuantizationError, match=r"head=None, not head='int8'"):
+        load_quantized(tmp_path / "plain", head="int8")
+    with pytest.raises(QuantizationError, match="unknown scheme 'int2'"):
+        quantize(tiny_model(), "int4", head="int2")

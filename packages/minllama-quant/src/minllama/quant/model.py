@@ -3,6 +3,7 @@
     quantize(model, "int8")                         every nn.Linear -> Int8Linear (in place, returns the model)
     quantize(model, "int4", group_size=64)          ... Int4Linear; "nf4" (double_quant=True), "fp8",
     quantize(model, "q8_0")                         ... or GGUF blocks: "q8_0", "q4_0", "q4_1"
+    quantize(model, "int4", group_size=32, head="int8")     the output head (and tied embedding) at 8 bits
     save_quantized(model, "out/q")                  quant.json + model.safetensors, atomically
     load_quantized("out/q", scheme="int4", group_size=64)   checks what you expect against what was saved
 
@@ -68,13 +69,23 @@ def _swap(model: MinimalLlama, make) -> None:
         model.tok_embeddings = QuantEmbedding(model.output)
 
 
-def quantize(model: MinimalLlama, scheme: str, **options) -> MinimalLlama:
-    """Quantize every linear layer of ``model`` in place (see the module docstring); returns the model."""
+def quantize(model: MinimalLlama, scheme: str, head: str | None = None, **options) -> MinimalLlama:
+    """Quantize every linear layer of ``model`` in place (see the module docstring); returns the model.
+
+    ``head`` quantizes the output head (and so a tied embedding) with another scheme, at its default options:
+    llama.cpp's 4-bit files keep that matrix at 6-8 bits, because every logit, and every token's embedding, goes
+    through it. ``quantize(model, "int4", group_size=32, head="int8")`` costs 14 MiB more on SmolLM2."""
     cls, opts = scheme_options(scheme, **options)
+    head_cls, head_opts = scheme_options(head) if head is not None else (cls, opts)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise QuantizationError("the model is already quantized: quantize a float model (load it again)")
-    _swap(model, lambda name, lin: cls.from_weight(lin.weight, **opts).to(lin.weight.device))
-    model.quant_config = {"scheme": scheme, **opts}
+
+    def make(name, lin):
+        c, o = (head_cls, head_opts) if name == "output" else (cls, opts)
+        return c.from_weight(lin.weight, **o).to(lin.weight.device)
+
+    _swap(model, make)
+    model.quant_config = {"scheme": scheme, **opts, **({"head": head} if head is not None else {})}
     return model
 
 
@@ -147,12 +158,13 @@ def load_quantized(directory: str | os.PathLike, scheme: str | None = None, devi
     if scheme is not None and scheme != saved["scheme"]:
         raise QuantizationError(f"{path} holds a {saved['scheme']!r} model, not {scheme!r}: load it with "
                                 f"scheme={saved['scheme']!r} or quantize the float model with {scheme!r}")
+    known = {"head": None, **saved}  # a model quantized without head= has head=None
     for key, value in expected_options.items():
-        if key not in saved:
+        if key not in known:
             raise QuantizationError(f"{path}: scheme {saved['scheme']!r} has no option {key!r}")
-        if saved[key] != value:
-            raise QuantizationError(f"{path} was quantized with {key}={saved[key]}, not {key}={value}: load it with "
-                                    f"{key}={saved[key]} or re-quantize the float model with {key}={value}")
+        if known[key] != value:
+            raise QuantizationError(f"{path} was quantized with {key}={known[key]!r}, not {key}={value!r}: load it "
+                                    f"with {key}={known[key]!r} or re-quantize the float model with {key}={value!r}")
     cfg = LlamaConfig(**meta["config"])
     with torch.device("meta"):
         model = MinimalLlama(cfg)
