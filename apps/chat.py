@@ -3,6 +3,7 @@
     uv run apps/chat.py                                   # SmolLM2-135M-Instruct, embedded, on the CPU
     uv run apps/chat.py --prompt "What is the capital of France?" --temperature 0
     uv run apps/chat.py --checkpoint path/to/hf-or-meta-dir-or.gguf
+    uv run apps/chat.py --quantize int4 --compile         # 4-bit weights + a compiled decode step: ~3x the tokens/s
 
 In the interactive chat, /reset forgets the conversation and /quit (or Ctrl-D) leaves.
 """
@@ -20,6 +21,10 @@ from minllama.core.generate import stream_text
 from minllama.extend.streaming import StreamingChat
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --quantize choice -> (minllama.quant scheme, options). int4: groups of 32 (the grid of SmolLM2's Q4_1 file) and
+# the output head at 8 bits, as llama.cpp does: +0.04% perplexity instead of +7.8% (minllama-quant README, 10)
+QUANT = {"int8": ("int8", {}), "int4": ("int4", {"group_size": 32, "head": "int8"}), "nf4": ("nf4", {}),
+         "fp8": ("fp8", {}), "q8_0": ("q8_0", {}), "q4_0": ("q4_0", {}), "q4_1": ("q4_1", {})}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weight dtype (auto: bfloat16 on cuda, float32 elsewhere)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster decode)")
+    p.add_argument("--quantize", choices=list(QUANT),
+                   help="quantize the weights after loading (minllama-quant): fewer bytes per token, so faster "
+                        "decoding where memory is the limit (int8 and int4 cost < 0.2%% perplexity on SmolLM2; nf4 and fp8 "
+                        "save memory, not time, on a CPU)")
     p.add_argument("--streaming", action="store_true",
                    help="attention sinks + a rolling KV cache (StreamingLLM): the chat goes on past the context "
                         "window in bounded memory, and each turn feeds only its new tokens")
@@ -80,6 +89,12 @@ def main(argv=None) -> int:
         print(f"error: {args.checkpoint} has no tokenizer file (tokenizer.json or tokenizer.model); add one",
               file=sys.stderr)
         return 2
+    if args.quantize:
+        from minllama.quant import prepare, quantize  # only needed (and installed) for --quantize
+
+        scheme, options = QUANT[args.quantize]
+        quantize(model, scheme, **options)
+        prepare(model)  # the packed kernels' layouts, built now rather than at the first token
     fmt = chat_format_for(tokenizer)
     args.session = (StreamingChat(model, n_sink=4, window=min(2044, model.config.max_seq_len - 4))
                     if args.streaming else None)
@@ -90,7 +105,8 @@ def main(argv=None) -> int:
         answer(model, tokenizer, fmt, system + [{"role": "user", "content": args.prompt}], args, generator)
         return 0
 
-    print(f"Chatting with {args.checkpoint} on {device} ({dtype}). /reset to start over, /quit to leave.")
+    weights = f"{args.quantize} weights" if args.quantize else dtype
+    print(f"Chatting with {args.checkpoint} on {device} ({weights}). /reset to start over, /quit to leave.")
     messages = list(system)
     while True:
         try:

@@ -26,6 +26,14 @@ def test_chat_streaming_mode_gives_the_same_greedy_answer():
     assert streaming.stdout == plain.stdout and "Paris" in streaming.stdout
 
 
+def test_chat_quantized_int8_still_answers_paris():
+    """--quantize int8 swaps every linear layer for Int8Linear (minllama-quant) and still answers correctly."""
+    out = run(APPS / "chat.py", "--prompt", "What is the capital of France?", "--temperature", "0",
+              "--max-new-tokens", "24", "--quantize", "int8")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
 def test_chat_keeps_the_conversation_and_understands_commands():
     stdin = "My name is Ada.\n/reset\nHello\n/quit\n"
     out = subprocess.run([sys.executable, APPS / "chat.py", "--temperature", "0", "--max-new-tokens", "12"],
@@ -46,7 +54,7 @@ def test_chat_bad_checkpoint_is_one_clear_line_and_status_2(tmp_path):
 def test_chat_help_documents_every_option():
     out = run(APPS / "chat.py", "--help")
     for option in ["--prompt", "--checkpoint", "--temperature", "--top-k", "--top-p", "--max-new-tokens", "--seed",
-                   "--device", "--dtype", "--compile", "--system"]:
+                   "--device", "--dtype", "--compile", "--system", "--quantize"]:
         assert option in out.stdout
 
 
