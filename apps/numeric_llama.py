@@ -132,23 +132,9 @@ class NumericLlama(MinimalLlama):
 
     def hidden_states(self, tokens: Tensor, input_pos: Tensor | None = None, pad: Tensor | None = None,
                       values: Tensor | None = None) -> Tensor:
-        """The final normalized hidden states (B, T, dim): MinimalLlama.hidden_states with one line changed, the
-        embedding. RoPE angles and mask come from the parent's helpers; the KV cache is used only with
-        ``input_pos``. MinimalLlama.forward calls this (without values), so text without numbers works as usual."""
-        B, T = tokens.shape
-        use_cache = input_pos is not None and self.cache_len > 0
-        if input_pos is None:
-            input_pos = torch.arange(T, device=tokens.device)
-        if not use_cache and T > self.config.max_seq_len:
-            raise ValueError(f"{T} tokens exceed the model's context of {self.config.max_seq_len}")
-        positions = input_pos if pad is None else (input_pos[None, :] - pad[:, None]).clamp(min=0)
-        rope = self.rope[positions]
-        slots_q, n_slots = (input_pos, self.cache_len) if use_cache else (torch.arange(T, device=tokens.device), T)
-        mask = self.attention_mask(slots_q, n_slots, pad)
-        h = self.embed(tokens, values)  # the one change: [NUM] embeddings scaled by their values
-        for layer in self.layers:
-            h = layer(h, rope, mask, input_pos if use_cache else None)
-        return self.norm(h)
+        """MinimalLlama.hidden_states fed with ``embed``'s vectors: [NUM] embeddings scaled by their values.
+        MinimalLlama.forward calls this without values, so text without numbers works as usual."""
+        return super().hidden_states(tokens, input_pos, pad, embeddings=self.embed(tokens, values))
 
     def forward_numbers(self, tokens: Tensor, values: Tensor, input_pos: Tensor | None = None,
                         pad: Tensor | None = None) -> tuple[Tensor, Tensor]:

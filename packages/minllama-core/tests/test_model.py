@@ -176,3 +176,17 @@ def test_preset_overrides_rederive_the_derived_fields():
     cfg = LlamaConfig.from_name("llama2-7b", n_heads=16)  # MHA preset: n_kv_heads follows n_heads
     assert (cfg.n_kv_heads, cfg.head_dim) == (16, 256)
     assert LlamaConfig.from_name("smollm2-135m") == PRESETS["smollm2-135m"]
+
+
+def test_given_embeddings_replace_the_token_lookup():
+    """hidden_states(..., embeddings=E) runs the blocks on E: the looked-up embeddings give the plain result, and
+    changing one position's vector changes that position and the later ones only (causality)."""
+    model = tiny_model("tiny-gqa")
+    tokens = torch.randint(0, 256, (2, 9))
+    emb = model.tok_embeddings(tokens)  # (B, T, dim)
+    torch.testing.assert_close(model.hidden_states(tokens, embeddings=emb), model.hidden_states(tokens))
+    emb2 = emb.clone()
+    emb2[:, 4] *= 3.0
+    h, h2 = model.hidden_states(tokens), model.hidden_states(tokens, embeddings=emb2)
+    torch.testing.assert_close(h2[:, :4], h[:, :4])
+    assert (h2[:, 4:] - h[:, 4:]).abs().amax(dim=-1).min() > 1e-4

@@ -209,9 +209,11 @@ class MinimalLlama(nn.Module):
         h = self.hidden_states(tokens, input_pos, pad)  # (B, T, dim)
         return self.output(h[:, -1:] if last_only else h)  # (B, T, vocab)
 
-    def hidden_states(self, tokens: Tensor, input_pos: Tensor | None = None, pad: Tensor | None = None) -> Tensor:
+    def hidden_states(self, tokens: Tensor, input_pos: Tensor | None = None, pad: Tensor | None = None,
+                      embeddings: Tensor | None = None) -> Tensor:
         """Everything but the head: the final normalized hidden states (B, T, dim). A loss that never builds the
-        full (B, T, vocab) logits (a fused linear cross-entropy) starts from here."""
+        full (B, T, vocab) logits (a fused linear cross-entropy) starts from here. ``embeddings`` (B, T, dim), when
+        given, replace the looked-up token embeddings (a model that embeds more than token ids, e.g. numbers)."""
         B, T = tokens.shape
         use_cache = input_pos is not None and self.cache_len > 0
         if input_pos is None:
@@ -222,7 +224,7 @@ class MinimalLlama(nn.Module):
         rope = self.rope[positions]
         slots_q, n_slots = (input_pos, self.cache_len) if use_cache else (torch.arange(T, device=tokens.device), T)
         mask = self.attention_mask(slots_q, n_slots, pad)
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        h = self.tok_embeddings(tokens) if embeddings is None else embeddings  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, rope, mask, input_pos if use_cache else None)
         return self.norm(h)
