@@ -48,6 +48,8 @@ from minllama.core.config import LlamaConfig
 from minllama.core.generate import generate
 from minllama.core.model import Attention, KVCache, MinimalLlama, RMSNorm, TransformerBlock, apply_rope
 
+from lr_schedule import lr_at  # apps/lr_schedule.py, beside this script
+
 
 # ------------------------------------------------------------------------------------------------- the model
 def lambda_init_for(layer_index: int) -> float:
@@ -206,15 +208,6 @@ def model_config(args) -> LlamaConfig:
     return LlamaConfig(vocab_size=256, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
                        n_kv_heads=args.kv_heads, hidden_dim=hidden, max_seq_len=max(256, args.seq_len),
                        name="modified-attention-experiment")
-
-
-def lr_at(step: int, total: int, peak: float) -> float:
-    """Linear warmup over the first 5% of the steps, then cosine decay to 10% of the peak."""
-    warmup = max(1, total // 20)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @torch.no_grad()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -45,6 +44,8 @@ from minllama.core.checkpoint import atomic_write
 from minllama.core.config import LlamaConfig
 from minllama.core.generate import generate
 from minllama.core.model import MinimalLlama
+
+from lr_schedule import lr_at  # apps/lr_schedule.py, beside this script
 
 
 # --------------------------------------------------------------------------------------------- the tokenizer
@@ -311,15 +312,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dim % 4 or args.train_max <= 0:
         p.error("--dim must be a multiple of 4 (4 heads) and --train-max positive")
     return args
-
-
-def lr_at(step: int, total: int, peak: float) -> float:
-    """Linear warmup over the first 5% of the steps, then cosine decay to 10% of the peak."""
-    warmup = max(1, total // 20)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def plot(evaluation: dict, train_max: float, path: Path) -> None:
