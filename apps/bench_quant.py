@@ -8,7 +8,8 @@ Rows: fp32 and bf16 (core's load_pretrained), each ``quantize`` scheme applied t
 file's own Q4_1/Q8_0 blocks, ``load_gguf_quantized``). Columns: stored weight bytes; load s (from disk to ready:
 save_quantized checkpoint for schemes, the GGUF file for fp32/bf16/gguf; kernel layouts built); prefill tok/s (one
 --prompt-len pass); decode tok/s (batch 1, greedy, best of two runs of --new-tokens, prefill excluded), eager and
-with ``generate(compile=True)`` (the compile itself is not timed); perplexity on the package's held-out text. The load average is printed: the machine may be shared.
+with ``generate(compile=True)`` (the compile itself is not timed); perplexity on the package's held-out text. The
+load average is printed: the machine may be shared.
 """
 from __future__ import annotations
 
@@ -112,8 +113,8 @@ def main() -> None:
             print(f"  {row:10s} done, load average {os.getloadavg()[0]:.2f}", flush=True)
             del model
     base = results.get("fp32")
-    print("\n| scheme | MiB | load s | prefill tok/s | decode tok/s eager | compiled | vs fp32 eager | vs fp32 compiled "
-          "| perplexity | vs fp32 | load avg |")
+    print("\n| scheme | MiB | load s | prefill tok/s | decode tok/s eager | compiled | vs fp32 eager "
+          "| vs fp32 compiled | perplexity | vs fp32 | load avg |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row, (mib, load_s, prefill, eager, compiled, ppl, load) in results.items():
         speedup = (f"{eager / base[3]:.2f}x / {compiled / base[3]:.2f}x", f"{compiled / base[4]:.2f}x") if base \

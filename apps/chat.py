@@ -46,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster decode)")
     p.add_argument("--quantize", choices=list(QUANT),
                    help="quantize the weights after loading (minllama-quant): fewer bytes per token, so faster "
-                        "decoding where memory is the limit (int8 and int4 cost < 0.2%% perplexity on SmolLM2; nf4 and fp8 "
-                        "save memory, not time, on a CPU)")
+                        "decoding where memory is the limit (int8 and int4 cost < 0.2%% perplexity on SmolLM2; "
+                        "nf4 and fp8 save memory, not time, on a CPU)")
     p.add_argument("--streaming", action="store_true",
                    help="attention sinks + a rolling KV cache (StreamingLLM): the chat goes on past the context "
                         "window in bounded memory, and each turn feeds only its new tokens")
