@@ -10,6 +10,7 @@ In the interactive chat, /reset forgets the conversation and /quit (or Ctrl-D) l
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
@@ -70,7 +71,8 @@ def answer(model, tokenizer, fmt, messages, args, generator) -> str:
         pieces.append(piece)
     n = len(token_times)
     if n:  # the first token comes out of the prefill; the rest are decode steps
-        decode = (n - 1) / (token_times[-1] - token_times[0]) if n > 1 else float("nan")
+        first = 1 if args.compile and n > 2 else 0  # with --compile, the first decode step may include compiling
+        decode = (n - 1 - first) / (token_times[-1] - token_times[first]) if n > 1 else float("nan")
         print(f"\n[{n} tokens, {decode:.1f} tok/s decode; prompt {len(prompt)} tokens in "
               f"{token_times[0] - start:.2f} s]", file=sys.stderr)
     return "".join(pieces)
@@ -95,6 +97,8 @@ def main(argv=None) -> int:
         scheme, options = QUANT[args.quantize]
         quantize(model, scheme, **options)
         prepare(model)  # the packed kernels' layouts, built now rather than at the first token
+    if args.compile:  # a CUDA build of torch on a machine without CUDA warns about it when it first compiles
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     fmt = chat_format_for(tokenizer)
     args.session = (StreamingChat(model, n_sink=4, window=min(2044, model.config.max_seq_len - 4))
                     if args.streaming else None)

@@ -26,12 +26,13 @@ def test_chat_streaming_mode_gives_the_same_greedy_answer():
     assert streaming.stdout == plain.stdout and "Paris" in streaming.stdout
 
 
-def test_chat_quantized_int8_still_answers_paris():
-    """--quantize int8 swaps every linear layer for Int8Linear (minllama-quant) and still answers correctly."""
+def test_chat_quantized_and_compiled_still_answers_paris():
+    """The README's fast command: --quantize int4 (4-bit layers, 8-bit head, minllama-quant) with a compiled decode
+    step still answers correctly."""
     out = run(APPS / "chat.py", "--prompt", "What is the capital of France?", "--temperature", "0",
-              "--max-new-tokens", "24", "--quantize", "int8")
+              "--max-new-tokens", "24", "--quantize", "int4", "--compile")
     assert out.returncode == 0, out.stderr
-    assert "Paris" in out.stdout
+    assert "Paris" in out.stdout and "tok/s" in out.stderr
 
 
 def test_chat_keeps_the_conversation_and_understands_commands():
