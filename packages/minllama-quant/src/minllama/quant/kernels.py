@@ -37,24 +37,14 @@ def has_fp8_kernel(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-@torch.library.custom_op("minllama_quant::weight_int8pack_mm", mutates_args=())
-def _int8pack_mm_op(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
-    """The kernel as an opaque op for ``torch.compile``: Inductor's own lowering of ``_weight_int8pack_mm`` fails
-    on an input it has just converted to bf16, so the compiled graph calls the kernel as it is and fuses only the
-    conversions around it."""
-    return aten._weight_int8pack_mm(x, qweight, scales)
-
-
-@_int8pack_mm_op.register_fake
-def _(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:  # the output's shape and dtype, for the compiler
-    return x.new_empty((x.shape[0], qweight.shape[0]))
-
-
 def int8_mm(x: Tensor, qweight: Tensor, scales: Tensor, ones: Tensor) -> Tensor:
     """x (M, K) @ (qweight * scales).T via the int8 weight-only kernel. The kernel gets bf16 scales of one
-    (``ones``, (N,) bf16) and our fp32 scales are applied to its output, so they stay exact."""
-    kernel = _int8pack_mm_op if torch.compiler.is_compiling() else aten._weight_int8pack_mm
-    y = kernel(x.to(torch.bfloat16), qweight, ones)  # (M, N) bf16
+    (``ones``, (N,) bf16) and our fp32 scales are applied to its output, so they stay exact.
+
+    ``ones`` is made once (``Int8Linear`` keeps it), not here: inside ``torch.compile`` a ``torch.ones`` in the
+    traced step becomes a computed node, and Inductor's lowering of the kernel refuses a computed scale
+    (``LoweringException: AssertionError: <class 'torch._inductor.ir.Pointwise'>``)."""
+    y = aten._weight_int8pack_mm(x.to(torch.bfloat16), qweight, ones)  # (M, N) bf16
     return y.float() * scales
 
 
