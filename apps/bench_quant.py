@@ -7,7 +7,7 @@
 Rows: fp32 and bf16 (core's load_pretrained), each ``quantize`` scheme applied to the fp32 model, and "gguf" (the
 file's own Q4_1/Q8_0 blocks, ``load_gguf_quantized``). Columns: stored weight bytes; load s (from disk to ready:
 save_quantized checkpoint for schemes, the GGUF file for fp32/bf16/gguf; kernel layouts built); prefill tok/s (one
---prompt-len pass); decode tok/s (batch 1, greedy, best of two runs of --new-tokens, prefill excluded), eager and
+--prompt-len pass); decode tok/s (batch 1, greedy, best of three runs of --new-tokens, prefill excluded), eager and
 with ``generate(compile=True)`` (the compile itself is not timed); perplexity on the package's held-out text. The
 load average is printed: the machine may be shared.
 """
@@ -78,11 +78,11 @@ def speed(model, prompt_len: int, new_tokens: int, compile_too: bool) -> tuple[f
         n = sum(1 for _ in stream)
         return n / (time.perf_counter() - t0)
 
-    eager = max(decode(False), decode(False))
+    eager = max(decode(False) for _ in range(3))
     if not compile_too:
         return prefill, eager, float("nan")
     decode(True)  # compiles the decode step (seconds to a minute), not timed
-    return prefill, eager, max(decode(True), decode(True))
+    return prefill, eager, max(decode(True) for _ in range(3))
 
 
 def main() -> None:
