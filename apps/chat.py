@@ -3,7 +3,7 @@
     uv run apps/chat.py                                   # SmolLM2-135M-Instruct, embedded, on the CPU
     uv run apps/chat.py --prompt "What is the capital of France?" --temperature 0
     uv run apps/chat.py --checkpoint path/to/hf-or-meta-dir-or.gguf
-    uv run apps/chat.py --quantize int4 --compile         # 4-bit weights + a compiled decode step: ~3x the tokens/s
+    uv run apps/chat.py --quantize int8 --compile         # 8-bit weights + a compiled decode step: ~3x the tokens/s
 
 In the interactive chat, /reset forgets the conversation and /quit (or Ctrl-D) leaves.
 """

@@ -27,8 +27,8 @@ def test_chat_streaming_mode_gives_the_same_greedy_answer():
 
 
 def test_chat_quantized_and_compiled_still_answers_paris():
-    """The README's fast command: --quantize int4 (4-bit layers, 8-bit head, minllama-quant) with a compiled decode
-    step still answers correctly."""
+    """A quantized model (--quantize int4: 4-bit layers, 8-bit head, minllama-quant) with a compiled decode step,
+    the README's fast path, still answers correctly."""
     out = run(APPS / "chat.py", "--prompt", "What is the capital of France?", "--temperature", "0",
               "--max-new-tokens", "24", "--quantize", "int4", "--compile")
     assert out.returncode == 0, out.stderr
