@@ -71,7 +71,8 @@ def answer(model, tokenizer, fmt, messages, args, generator) -> str:
         pieces.append(piece)
     n = len(token_times)
     if n:  # the first token comes out of the prefill; the rest are decode steps
-        first = 1 if args.compile and n > 2 else 0  # with --compile, the first decode step may include compiling
+        compiled = args.compile and args.session is None  # --streaming decodes through its own rolling cache
+        first = 1 if compiled and n > 2 else 0  # the first compiled decode step may include compiling
         decode = (n - 1 - first) / (token_times[-1] - token_times[first]) if n > 1 else float("nan")
         print(f"\n[{n} tokens, {decode:.1f} tok/s decode; prompt {len(prompt)} tokens in "
               f"{token_times[0] - start:.2f} s]", file=sys.stderr)
