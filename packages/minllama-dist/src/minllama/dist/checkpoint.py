@@ -35,8 +35,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from minllama.core import CheckpointError, LlamaConfig, MinimalLlama, load_pretrained, save_hf, save_meta
+from minllama.core.checkpoint import load_plain
 
 from .fsdp import rebuild_rope
+from .safe_dcp import read_dcp_metadata, safe_load
 
 STEP_DIR = re.compile(r"step_(\d{8})")
 STATE_FILE = "train_state.json"
@@ -102,11 +104,8 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
         state = json.loads(state_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{state_file} is corrupt ({e}): load the previous checkpoint") from None
-    try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as e:
-        raise CheckpointError(f"{meta_file} is corrupt ({type(e).__name__}: {e}): load the previous checkpoint") \
-            from None
+    _check_train_state(state, state_file)
+    metadata = read_dcp_metadata(path)  # never a plain unpickle: a crafted .metadata could run code
     needed: dict[str, int] = {}  # file -> bytes the index says it holds
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -119,6 +118,36 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"{path}: shard file {name} is truncated ({f.stat().st_size} of {size} bytes): "
                                   "load the previous checkpoint")
     state["_keys"] = sorted(metadata.state_dict_metadata)
+    return state
+
+
+def _check_train_state(state, file: Path) -> None:
+    """train_state.json must be an object whose step is a whole number and whose config (ours) builds a config."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(state).__name__}, not an object: not written by "
+                              "minllama.dist (load the previous checkpoint)")
+    step = state.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{file}: 'step' is {step!r}, not a whole number >= 0: load the previous checkpoint")
+    if "config" in state:
+        _config_from_state(state["config"], file)
+
+
+def _config_from_state(d, file: Path) -> LlamaConfig:
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{file}: 'config' is a JSON {type(d).__name__}, not an object")
+    try:
+        return LlamaConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: 'config' is not a valid model config ({e})") from None
+
+
+def _load_rng(file: Path) -> dict:
+    """A rank's RNG state: tensors only (weights_only), refused with a clear error otherwise."""
+    state = load_plain(file, "an RNG state")
+    if not isinstance(state, dict) or not isinstance(state.get("cpu"), torch.Tensor) \
+            or state["cpu"].dtype != torch.uint8:
+        raise CheckpointError(f"{file} does not hold an RNG state: load the previous checkpoint")
     return state
 
 
@@ -187,18 +216,14 @@ def load_checkpoint(path: str | os.PathLike, model: MinimalLlama, optimizer=None
         raise CheckpointError(f"{path} holds another model: config differs in {diff} (model, checkpoint)")
     with_optim = optimizer is not None and any(k.startswith("optim.") for k in keys)  # DCP flattens nested keys
     target = _state(model, optimizer if with_optim else None)
-    try:
-        with _single_process_ok():
-            dcp.load(target, checkpoint_id=str(path), **_dist_kwargs())
-    except Exception as e:  # DCP gathers every rank's errors, so all ranks raise together
-        raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {e}") from None
+    safe_load(target, path, **_dist_kwargs())  # DCP gathers every rank's errors, so all ranks raise together
     if with_optim:
         set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
     else:
         set_model_state_dict(model, target["model"])
     rng = path / "rng" / f"rank{_rank()}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=True))
+        _set_rng_state(_load_rng(rng))
     state["optimizer_restored"] = with_optim
     return state
 
@@ -288,18 +313,14 @@ def read_config(path: str | os.PathLike) -> LlamaConfig:
     state = check_checkpoint(path)
     if "config" not in state:
         raise CheckpointError(f"{path}/{STATE_FILE} has no model config: not written by minllama.dist")
-    return LlamaConfig(**state["config"])
+    return _config_from_state(state["config"], Path(path) / STATE_FILE)
 
 
 def dcp_to_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> MinimalLlama:
     """Gather a (sharded) DCP checkpoint into one full, unsharded model in this process (any world size wrote it)."""
     model = MinimalLlama(read_config(path)).to(device)
     sd = model.state_dict()
-    try:
-        with _single_process_ok():
-            dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read the weights of {path}: {type(e).__name__}: {e}") from None
+    safe_load({"model": sd}, path, no_dist=True)
     model.load_state_dict(sd)
     return model.eval()
 
