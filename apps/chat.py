@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 
@@ -28,19 +29,42 @@ QUANT = {"int8": ("int8", {}), "int4": ("int4", {"group_size": 32, "head": "int8
          "fp8": ("fp8", {}), "q8_0": ("q8_0", {}), "q4_0": ("q4_0", {}), "q4_1": ("q4_1", {})}
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and status 2, like every other error of this app (argparse adds the usage)
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def checked(convert, ok, what):
+    """An argparse type: ``convert`` the text (a ValueError is argparse's "invalid float value"), then refuse a value
+    that is not ``ok`` with "must be <what>". Bad values fail here, before the model loads."""
+    def parse(text: str):
+        value = convert(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    parse.__name__ = convert.__name__
+    return parse
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Chat with a Llama model (MinimalLlama).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Chat with a Llama model (MinimalLlama).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="smollm2-135m-instruct",
                    help="a known name, a .gguf file, an HF directory (config.json + safetensors) "
                         "or a Meta directory (params.json + consolidated.*.pth)")
     p.add_argument("--prompt", help="answer this one message and exit (no interactive chat)")
     p.add_argument("--system", help="system prompt (default: the model family's own)")
-    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy decoding")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=0.9, help="sample only among the tokens that make up p of the mass")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit, in tokens")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--temperature", type=checked(float, lambda t: math.isfinite(t) and t >= 0,
+                                               "a finite number >= 0"),
+                   default=0.2, help="0 = greedy decoding")
+    p.add_argument("--top-k", type=checked(int, lambda k: k >= 0, "an integer >= 0"), default=None,
+                   help="sample only among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=checked(float, lambda q: 0 < q <= 1, "a number in (0, 1]"), default=0.9,
+                   help="sample only among the tokens that make up p of the mass")
+    p.add_argument("--max-new-tokens", type=checked(int, lambda n: n >= 1, "an integer >= 1"), default=512,
+                   help="answer length limit, in tokens")
+    p.add_argument("--seed", type=checked(int, lambda n: 0 <= n < 2**64, "an integer in [0, 2**64)"), default=None,
+                   help="random seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (auto: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weight dtype (auto: bfloat16 on cuda, float32 elsewhere)")
@@ -53,6 +77,39 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="attention sinks + a rolling KV cache (StreamingLLM): the chat goes on past the context "
                         "window in bounded memory, and each turn feeds only its new tokens")
     return p.parse_args(argv)
+
+
+def device_problem(name: str) -> str | None:
+    """Why tensors cannot live on device ``name``, or None; checked before loading rather than failing inside it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps"
+    if device.type == "meta":
+        return "--device meta holds no weights: use auto, cpu, cuda, cuda:N or mps"
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu ...
+    if device.type != "cpu" and hasattr(backend, "device_count"):
+        count = backend.device_count() if backend.is_available() else 0
+        if (device.index or 0) >= count:
+            found = f"only {count} {device.type} device(s)" if count else f"no {device.type} device"
+            return f"--device {name}: this machine has {found}; use --device auto (or cpu)"
+    try:
+        torch.empty(0, device=device)
+    except Exception as e:  # noqa: BLE001 -- a backend this torch lacks fails in many ways (hpu: ImportError)
+        return f"--device {name}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+    return None
+
+
+def utf8_problem(option: str, text: str | None) -> str | None:
+    """Python hands undecodable bytes of argv (and of stdin in a C locale) over as lone surrogates, which the
+    tokenizer cannot encode: say which option holds which byte, instead of a UnicodeEncodeError at the first token."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(e.object[e.start]) - 0xDC00 if "\udc80" <= e.object[e.start] <= "\udcff" else None
+        where = f" (byte 0x{byte:02X} at character {e.start})" if byte is not None else ""
+        return f"{option} is not valid UTF-8 text{where}: check the terminal's encoding"
+    return None
 
 
 def answer(model, tokenizer, fmt, messages, args, generator) -> str:
@@ -81,6 +138,11 @@ def answer(model, tokenizer, fmt, messages, args, generator) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    problem = ((device_problem(args.device) if args.device != "auto" else None)
+               or utf8_problem("--prompt", args.prompt) or utf8_problem("--system", args.system))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:
@@ -107,7 +169,11 @@ def main(argv=None) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
 
     if args.prompt is not None:
-        answer(model, tokenizer, fmt, system + [{"role": "user", "content": args.prompt}], args, generator)
+        try:
+            answer(model, tokenizer, fmt, system + [{"role": "user", "content": args.prompt}], args, generator)
+        except ValueError as e:  # the prompt does not fit the context window
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
 
     weights = f"{args.quantize} weights" if args.quantize else dtype
@@ -119,6 +185,12 @@ def main(argv=None) -> int:
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
+        except UnicodeDecodeError:  # stdin decodes strictly in a UTF-8 locale (in a C locale: surrogates, below)
+            print("error: the message is not valid UTF-8 text: check the terminal's encoding", file=sys.stderr)
+            continue
+        if problem := utf8_problem("the message", text):
+            print(f"error: {problem}", file=sys.stderr)
+            continue
         if text == "/quit":
             return 0
         if text == "/reset":
