@@ -323,9 +323,12 @@ def test_failed_save_leaves_the_old_checkpoint_intact(fmt, tmp_path, monkeypatch
 def test_save_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("precious")
-    with pytest.raises(CheckpointError, match="refusing to replace"):
+    with pytest.raises(CheckpointError, match="refusing to write into .*home: it is not empty and has no config"):
         save_hf(tiny_model(), tmp_path / "home")
+    assert os.listdir(tmp_path / "home") == ["notes.txt"]
+    save_hf(tiny_model(), tmp_path / "home", overwrite=True)  # told to: writes its files, keeps the others
     assert (tmp_path / "home" / "notes.txt").read_text() == "precious"
+    assert_same(tiny_model(), load_pretrained(tmp_path / "home")[0])
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer

