@@ -93,8 +93,24 @@ def load_pretrained(source: str | os.PathLike, dtype: torch.dtype = torch.float3
     tokenizer = None
     if with_tokenizer and any((path / f).is_file() for f in _TOKENIZER_FILES):
         from .tokenizer import load_tokenizer  # lazy: the weights do not need it
-        tokenizer = load_tokenizer(path)
+        tokenizer = _tokenizer(lambda: load_tokenizer(path), path, model.config)
     return model, tokenizer
+
+
+def _tokenizer(make: Callable[[], object], where: Path, cfg: LlamaConfig):
+    """The checkpoint's tokenizer, refused if it is damaged or could produce ids the model has no row for (today's
+    first prompt would crash with an IndexError deep in the embedding)."""
+    try:
+        tokenizer = make()
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as e:
+        raise CheckpointError(f"{where}: the tokenizer cannot be read ({type(e).__name__}: {str(e)[:300]}): "
+                              "copy the original checkpoint's tokenizer files") from None
+    if getattr(tokenizer, "vocab_size", 0) > cfg.vocab_size:
+        raise CheckpointError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                              f"{cfg.vocab_size} embedding rows: the tokenizer belongs to another model")
+    return tokenizer
 
 
 # A checkpoint, listed under our names: name -> (its name in the file, its shape there, how to read it).
@@ -109,9 +125,10 @@ def _assemble(cfg: LlamaConfig, entries: Entries, unexpected: list[str], where: 
     with torch.device("meta"):
         model = MinimalLlama(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    head_copy = None
     if cfg.tie_embeddings:
         del expected["output.weight"]  # the head *is* the embedding
-        entries.pop("output.weight", None)  # some writers store a copy anyway
+        head_copy = entries.pop("output.weight", None)  # some writers store a copy anyway: it must be one
     missing = [src_name(k) for k in expected if k not in entries]
     unexpected = unexpected + [src for name, (src, _, _) in entries.items() if name not in expected]
     if missing or unexpected:
@@ -126,10 +143,14 @@ def _assemble(cfg: LlamaConfig, entries: Entries, unexpected: list[str], where: 
         if tuple(shape) != expected[name]:
             raise CheckpointError(f"{where}: tensor {src} has shape {tuple(shape)} but the config expects "
                                   f"{expected[name]}: the config does not match the weights")
-    state = {}
-    for name, (src, _, read) in entries.items():
-        t = read()
-        state[name] = (fix(name, t) if fix else t).to(device=device, dtype=dtype)
+    state = {name: _read(where, src, read, fix and (lambda t, n=name: fix(n, t))).to(device=device, dtype=dtype)
+             for name, (src, _, read) in entries.items()}
+    if head_copy is not None and not torch.equal(_read(where, head_copy[0], head_copy[2]).to(device=device,
+                                                                                             dtype=dtype),
+                                                 state["tok_embeddings.weight"]):
+        raise CheckpointError(f"{where}: the config ties the head to the embedding, but the file holds its own, "
+                              f"different {head_copy[0]}: set the config's tie flag to false if the head is its own "
+                              "(or delete the tensor if the embedding is the head)")
     if cfg.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True)
@@ -137,6 +158,25 @@ def _assemble(cfg: LlamaConfig, entries: Entries, unexpected: list[str], where: 
         model.output.weight = model.tok_embeddings.weight
     model.rope = rope_cache(rope_frequencies(cfg), cfg.max_seq_len).to(device)  # not in checkpoints: recompute
     return model.eval()
+
+
+def _read(where: str, src: str, read: Callable[[], torch.Tensor],
+          fix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """One tensor, read and checked: a truncated file or NaN/Inf values are one clear error, not garbage."""
+    try:
+        t = read()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{where}: cannot read tensor {src} ({type(e).__name__}: {str(e)[:200]}): the file is "
+                              "truncated or damaged; re-download or re-save it") from None
+    if not t.is_floating_point():
+        raise CheckpointError(f"{where}: tensor {src} is stored as {str(t.dtype).removeprefix('torch.')}, not as "
+                              "floats: a damaged file, or a quantized one (load GGUF blocks with minllama.quant)")
+    if not bool(torch.isfinite(t).all()):  # one pass over the weights, once: ~30 ms for a 135M model
+        raise CheckpointError(f"{where}: tensor {src} holds NaN or Inf values: the checkpoint is damaged (or was "
+                              "saved from a diverged training run)")
+    return fix(t) if fix else t
 
 
 def _read_json(path: Path) -> dict:
@@ -148,13 +188,15 @@ def _read_json(path: Path) -> dict:
 
 def _config(convert: Callable[..., LlamaConfig], file: Path, *args) -> LlamaConfig:
     try:
-        return convert(*args)
-    except KeyError as e:
-        raise CheckpointError(f"{file} lacks the key {e}: not a Llama config (or a truncated file)") from None
+        return convert(*args, file=str(file))
+    except (KeyError, TypeError, ValueError, IndexError) as e:  # a CheckpointError names the file already
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{file} is not a Llama config ({type(e).__name__}: {e})") from None
 
 
-def _index_files(index: Path) -> list[str]:
-    """The shard files of a sharded HF checkpoint, from its index's weight_map (tensor name -> file name)."""
+def _index_map(index: Path) -> dict[str, str]:
+    """A sharded HF checkpoint's index: weight_map, tensor name -> the shard file that holds it."""
     d = _read_json(index)
     weight_map = d.get("weight_map") if isinstance(d, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -165,37 +207,63 @@ def _index_files(index: Path) -> list[str]:
         raise CheckpointError(f"{index}: weight_map maps tensors to {bad[0]!r}, not to a file name: a damaged index")
     for name in set(weight_map.values()):
         inside(index.parent, name, index)
-    return sorted(set(weight_map.values()))
+    return weight_map
+
+
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 def _load_hf(path: Path, dtype, device) -> MinimalLlama:
     cfg = _config(config_from_hf, path / "config.json", _read_json(path / "config.json"))
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = _index_files(index)
+    weight_map = _index_map(index) if index.is_file() else None
+    if weight_map is not None:
+        files = sorted(set(weight_map.values()))
+        stray = sorted(p.name for p in path.glob("*.safetensors") if p.name not in files)
+        if stray:
+            warnings.warn(f"{path}: ignoring {', '.join(stray)}, which {index.name} does not list")
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} has a config.json but no *.safetensors weights (pytorch_model.bin is not "
                               "supported: re-save with transformers' save_pretrained(safe_serialization=True))")
     entries: Entries = {}
+    found_in: dict[str, str] = {}  # file name of each tensor, to catch one stored twice
     unexpected = []
     for fname in files:
         file = path / fname
+        if file.is_dir():
+            raise CheckpointError(f"{file} is a directory, not a safetensors file")
         if not file.is_file():
-            raise CheckpointError(f"{file} is listed in model.safetensors.index.json but missing: re-download it")
+            raise CheckpointError(f"{file} is listed in {index.name} but missing: re-download it")
         try:
             handle = safe_open(str(file), framework="pt")  # lazy: reads the header, maps the rest
         except Exception as e:
             raise CheckpointError(f"{file} is truncated or not a safetensors file ({e}): re-download or re-save it")
         for key in handle.keys():
+            if key in found_in:
+                raise CheckpointError(f"{path}: tensor {key} is stored twice, in {found_in[key]} and {fname}: a "
+                                      "stray or duplicated shard? (remove the file that does not belong)")
+            found_in[key] = fname
+            if weight_map is not None and weight_map.get(key) != fname:
+                raise CheckpointError(f"{file} holds {key}, which {index.name} places in "
+                                      f"{weight_map.get(key, 'no file')}: the index and the shards disagree")
             ours = hf_to_ours(key)
             if ours is None:
                 if not HF_IGNORED.fullmatch(key):
                     unexpected.append(key)
                 continue
+            kind = handle.get_slice(key).get_dtype()
+            if kind not in _FLOAT_DTYPES:
+                raise CheckpointError(f"{file}: tensor {key} is stored as {kind}, not as floats (F16, BF16, F32): "
+                                      "a damaged file, or a quantized one that this loader cannot read")
             entries[ours] = (key, tuple(handle.get_slice(key).get_shape()),
                              lambda h=handle, k=key: h.get_tensor(k))
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(found_in))
+        if absent:
+            raise CheckpointError(f"{index} lists {len(absent)} tensor(s) that no shard holds, e.g. {absent[0]} in "
+                                  f"{weight_map[absent[0]]}: a shard is incomplete or from another save")
 
     def unpermute(name: str, t: torch.Tensor) -> torch.Tensor:  # HF rotate_half rows -> Meta's channel pairs
         if name.endswith("attention.wq.weight"):
@@ -242,11 +310,16 @@ def load_plain(file: str | os.PathLike, what: str = "a PyTorch checkpoint", **kw
 
 def _load_meta(path: Path, dtype, device) -> MinimalLlama:
     params = _read_json(path / "params.json")
-    if "dim" not in params:
+    if not isinstance(params, dict) or "dim" not in params:
         raise CheckpointError(f"{path / 'params.json'} has no 'dim': not a Meta Llama params.json")
     files = sorted(path.glob("consolidated.*.pth"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
     if not files:
         raise CheckpointError(f"{path} has a params.json but no consolidated.*.pth weights")
+    numbers = [int(re.sub(r"\D", "", p.name) or -1) for p in files]
+    if numbers != list(range(len(files))):  # Meta numbers its model-parallel shards 00, 01, ... without gaps
+        raise CheckpointError(f"{path}: the shards are {', '.join(p.name for p in files)}, not consolidated.00 to "
+                              f"consolidated.{len(files) - 1:02d}: a shard is missing or extra (one per "
+                              "model-parallel rank)")
     shards = []
     for f in files:
         shard = load_plain(f, "a Meta checkpoint", map_location="cpu", mmap=True)
@@ -261,6 +334,9 @@ def _load_meta(path: Path, dtype, device) -> MinimalLlama:
     def merged(name: str) -> torch.Tensor:
         parts = [s[name] for s in shards]
         d = _meta_merge_dim(name, tuple(parts[0].shape), params["dim"]) if len(parts) > 1 else None
+        if d is None and any(not torch.equal(p, parts[0]) for p in parts[1:]):
+            raise CheckpointError(f"{path}: {name} is replicated on every model-parallel shard, but the shards hold "
+                                  "different values: they are from different models or saves")
         return parts[0] if d is None else torch.cat(parts, dim=d)
 
     def merged_shape(name: str) -> tuple:
@@ -280,7 +356,8 @@ def _load_meta(path: Path, dtype, device) -> MinimalLlama:
         if key in META_IGNORED:
             continue
         entries[key] = (key, merged_shape(key), (lambda k=key: head[k] if k in head else merged(k)))
-    return _assemble(cfg, entries, unexpected, str(path), dtype, device)
+    where = str(path) if len(files) == 1 else f"{path} ({len(files)} model-parallel shards merged)"
+    return _assemble(cfg, entries, unexpected, where, dtype, device)
 
 
 def _load_gguf(path: Path, dtype, device, with_tokenizer: bool):
@@ -290,7 +367,7 @@ def _load_gguf(path: Path, dtype, device, with_tokenizer: bool):
         reader = gguf.GGUFReader(path)  # memory-mapped: nothing is read until a tensor is dequantized
     except Exception as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}): re-download it") from None
-    cfg = config_from_gguf(reader)
+    cfg = _config(config_from_gguf, path, reader)
     entries: Entries = {}
     unexpected = []
     for t in reader.tensors:
@@ -306,7 +383,7 @@ def _load_gguf(path: Path, dtype, device, with_tokenizer: bool):
     tokenizer = None
     if with_tokenizer:
         from .tokenizer import tokenizer_from_gguf
-        tokenizer = tokenizer_from_gguf(reader)
+        tokenizer = _tokenizer(lambda: tokenizer_from_gguf(reader), path, cfg)
     return model, tokenizer
 
 

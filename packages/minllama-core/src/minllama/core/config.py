@@ -6,8 +6,10 @@ key/value head) is derived from them in ``__post_init__`` so that the numbers ca
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
+MAX_CONTEXT = 1 << 24  # 16.7M positions: beyond every published Llama-family context
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -38,6 +40,9 @@ class LlamaConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        self._check_values()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -48,8 +53,31 @@ class LlamaConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even: RoPE rotates pairs of channels")
-        if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
+
+    def _check_values(self) -> None:
+        """Every number in range, before anything is sized from it (a context of 1e9 would allocate 256 GB)."""
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len", "n_kv_heads", "head_dim"):
+            value = getattr(self, key)
+            if value is None and key in ("n_kv_heads", "head_dim"):
+                continue  # derived below
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}={value!r} must be a whole number >= 1")
+        if self.max_seq_len > MAX_CONTEXT:
+            raise ValueError(f"max_seq_len={self.max_seq_len} is beyond {MAX_CONTEXT} positions: the rotary table "
+                             "alone would not fit in memory; is the config damaged?")
+        for key in ("norm_eps", "rope_theta"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{key}={value!r} must be a finite number > 0")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings={self.tie_embeddings!r} must be true or false")
+        s = self.rope_scaling
+        if s is not None:
+            numbers = (s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_seq_len)
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf for x in numbers) \
+                    or s.factor < 1 or s.high_freq_factor <= s.low_freq_factor:
+                raise ValueError(f"rope_scaling={s} needs factor >= 1, 0 < low_freq_factor < high_freq_factor and a "
+                                 "positive original_max_seq_len")
 
     @property
     def n_rep(self) -> int:

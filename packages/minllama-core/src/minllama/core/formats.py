@@ -14,6 +14,7 @@ This module is pure bookkeeping; reading and writing files is in ``checkpoint.py
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Mapping
 
@@ -110,36 +111,79 @@ def hf_to_meta_rows(w: Tensor, n_heads: int) -> Tensor:
 
 
 # -------------------------------------------------------------------------------------------------- HF config
-def config_from_hf(d: Mapping[str, Any]) -> LlamaConfig:
+_REQUIRED = object()
+
+
+def number(d: Mapping[str, Any], key: str, kind: type = int, default: Any = _REQUIRED, file: str = "config") -> Any:
+    """``d[key]`` as a positive, finite int or float, or one CheckpointError naming the file and the field (a
+    string, null, list, bool, 0, negative, NaN or inf where a size or a rate belongs)."""
+    if key not in d or (d[key] is None and default is not _REQUIRED):
+        if default is _REQUIRED:
+            raise CheckpointError(f"{file} lacks the key {key!r}: not a Llama config (or a truncated file)")
+        return default
+    v = d[key]
+    if kind is int and isinstance(v, float) and v.is_integer():
+        v = int(v)  # 2048.0 written by some tools
+    ok = isinstance(v, int) if kind is int else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok or not 0 < v < math.inf:
+        want = "a whole number >= 1" if kind is int else "a finite number > 0"
+        raise CheckpointError(f"{file}: {key} is {v!r}, not {want}: re-download the file or fix that field")
+    return kind(v)
+
+
+def _mapping(d: Any, file: str) -> Mapping[str, Any]:
+    if not isinstance(d, Mapping):
+        raise CheckpointError(f"{file} holds a JSON {type(d).__name__}, not an object: not a Llama config")
+    return d
+
+
+def build_config(file: str, **fields) -> LlamaConfig:
+    """LlamaConfig(**fields), its own checks (heads that do not divide the width, ...) named by the file."""
+    try:
+        return LlamaConfig(**fields)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def config_from_hf(d: Mapping[str, Any], file: str = "config.json") -> LlamaConfig:
     """A transformers ``config.json`` (LlamaForCausalLM; v4 ``rope_theta``/``rope_scaling`` or v5
     ``rope_parameters``) -> LlamaConfig."""
+    d = _mapping(d, file)
     if d.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"config.json has model_type={d['model_type']!r}; only 'llama' checkpoints are supported")
+        raise CheckpointError(f"{file} has model_type={d['model_type']!r}; only 'llama' checkpoints are supported")
     for key in ("attention_bias", "mlp_bias"):
         if d.get(key):
-            raise CheckpointError(f"config.json sets {key}=true; MinimalLlama has no biases, use transformers")
+            raise CheckpointError(f"{file} sets {key}=true; MinimalLlama has no biases, use transformers")
     if d.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"config.json has hidden_act={d['hidden_act']!r}; MinimalLlama only implements silu")
-    rp = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or rp
+        raise CheckpointError(f"{file} has hidden_act={d['hidden_act']!r}; MinimalLlama only implements silu")
+    rp = _mapping(d.get("rope_parameters") or {}, f"{file}: rope_parameters")
+    scaling = _mapping(d.get("rope_scaling") or rp, f"{file}: rope_scaling")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         rope_scaling = None
     elif rope_type == "llama3":
-        rope_scaling = RopeScaling(factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
-                                   high_freq_factor=float(scaling["high_freq_factor"]),
-                                   original_max_seq_len=int(scaling["original_max_position_embeddings"]))
+        where = f"{file}: rope_scaling"
+        rope_scaling = RopeScaling(factor=number(scaling, "factor", float, file=where),
+                                   low_freq_factor=number(scaling, "low_freq_factor", float, file=where),
+                                   high_freq_factor=number(scaling, "high_freq_factor", float, file=where),
+                                   original_max_seq_len=number(scaling, "original_max_position_embeddings",
+                                                               file=where))
     else:
-        raise CheckpointError(f"config.json asks for rope scaling {rope_type!r}; only 'llama3' (Llama 3.1) is "
-                              "supported")
-    return LlamaConfig(
-        vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
-        n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-        hidden_dim=d["intermediate_size"], norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(d.get("rope_theta", rp.get("rope_theta", 10000.0))), rope_scaling=rope_scaling,
-        max_seq_len=int(d.get("max_position_embeddings", 2048)),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)), head_dim=d.get("head_dim"),
-        name=d.get("_name_or_path") or "custom")
+        raise CheckpointError(f"{file} asks for rope scaling {rope_type!r}; only 'llama3' (Llama 3.1) is supported")
+    tie = d.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise CheckpointError(f"{file}: tie_word_embeddings is {tie!r}, not true or false")
+    n_heads = number(d, "num_attention_heads", file=file)
+    return build_config(
+        file, vocab_size=number(d, "vocab_size", file=file), dim=number(d, "hidden_size", file=file),
+        n_layers=number(d, "num_hidden_layers", file=file), n_heads=n_heads,
+        n_kv_heads=number(d, "num_key_value_heads", default=n_heads, file=file),
+        hidden_dim=number(d, "intermediate_size", file=file),
+        norm_eps=number(d, "rms_norm_eps", float, 1e-6, file),
+        rope_theta=number(d, "rope_theta", float, number(rp, "rope_theta", float, 10000.0, file), file),
+        rope_scaling=rope_scaling, max_seq_len=number(d, "max_position_embeddings", int, 2048, file),
+        tie_embeddings=tie, head_dim=number(d, "head_dim", int, None, file),
+        name=str(d.get("_name_or_path") or "custom"))
 
 
 def config_to_hf(cfg: LlamaConfig, dtype: torch.dtype | None = None) -> dict:
@@ -183,10 +227,12 @@ def _meta_ffn_params(dim: int, hidden_dim: int) -> dict:
     return {"multiple_of": hidden_dim, "ffn_dim_multiplier": hidden_dim / base}  # always rounds up to hidden_dim
 
 
-def config_from_meta(params: Mapping[str, Any], state_dict: Mapping[str, Tensor] | None = None) -> LlamaConfig:
+def config_from_meta(params: Mapping[str, Any], state_dict: Mapping[str, Tensor] | None = None,
+                     file: str = "params.json") -> LlamaConfig:
     """Meta ``params.json`` -> LlamaConfig. Meta does not store the vocabulary size (``-1`` in Llama 2) nor
     whether the head is tied: given the (merged) ``state_dict`` both are read from the weights."""
-    dim, n_heads = params["dim"], params["n_heads"]
+    params = _mapping(params, file)
+    dim, n_heads = number(params, "dim", file=file), number(params, "n_heads", file=file)
     vocab_size = params.get("vocab_size", -1)
     tie = False
     if state_dict is not None:
@@ -195,21 +241,26 @@ def config_from_meta(params: Mapping[str, Any], state_dict: Mapping[str, Tensor]
         out = state_dict.get("output.weight")
         tie = out is None or (out.shape == emb.shape and torch.equal(out, emb))  # Llama 3.2 stores a copy
     if vocab_size in (-1, None):
-        raise CheckpointError("params.json has vocab_size -1: pass the weights (state_dict) to read it from them")
+        raise CheckpointError(f"{file} has vocab_size -1: pass the weights (state_dict) to read it from them")
+    vocab_size = number({"vocab_size": vocab_size}, "vocab_size", file=file)
     rope_scaling = None
     if params.get("use_scaled_rope"):  # Llama 3.1 / 3.2: llama-models' apply_scaling, factor 8 unless given
-        rope_scaling = RopeScaling(factor=float(params.get("rope_scaling_factor") or 8.0),
-                                   low_freq_factor=float(params.get("low_freq_factor") or 1.0),
-                                   high_freq_factor=float(params.get("high_freq_factor") or 4.0),
-                                   original_max_seq_len=int(params.get("original_max_seq_len") or 8192))
+        rope_scaling = RopeScaling(factor=number(params, "rope_scaling_factor", float, 8.0, file),
+                                   low_freq_factor=number(params, "low_freq_factor", float, 1.0, file),
+                                   high_freq_factor=number(params, "high_freq_factor", float, 4.0, file),
+                                   original_max_seq_len=number(params, "original_max_seq_len", int, 8192, file))
     default_len = 131072 if rope_scaling else 8192 if vocab_size >= 128000 else 4096
-    return LlamaConfig(
-        vocab_size=vocab_size, dim=dim, n_layers=params["n_layers"], n_heads=n_heads,
-        n_kv_heads=params.get("n_kv_heads") or n_heads,
-        hidden_dim=meta_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
-        norm_eps=float(params.get("norm_eps", 1e-5)), rope_theta=float(params.get("rope_theta", 10000.0)),
-        rope_scaling=rope_scaling, max_seq_len=int(params.get("max_seq_len") or default_len),
-        tie_embeddings=tie, head_dim=params.get("head_dim"))
+    multiplier = params.get("ffn_dim_multiplier")
+    return build_config(
+        file, vocab_size=vocab_size, dim=dim, n_layers=number(params, "n_layers", file=file), n_heads=n_heads,
+        n_kv_heads=number(params, "n_kv_heads", int, n_heads, file),
+        hidden_dim=meta_hidden_dim(dim, number(params, "multiple_of", int, 256, file),
+                                   None if multiplier is None else number(params, "ffn_dim_multiplier", float,
+                                                                          file=file)),
+        norm_eps=number(params, "norm_eps", float, 1e-5, file), rope_theta=number(params, "rope_theta", float,
+                                                                                  10000.0, file),
+        rope_scaling=rope_scaling, max_seq_len=number(params, "max_seq_len", int, default_len, file),
+        tie_embeddings=tie, head_dim=number(params, "head_dim", int, None, file))
 
 
 def config_to_meta(cfg: LlamaConfig) -> dict:
@@ -249,38 +300,39 @@ def _f32(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def config_from_gguf(reader) -> LlamaConfig:
+def config_from_gguf(reader, file: str = "GGUF file") -> LlamaConfig:
     """The ``{arch}.*`` metadata of a llama GGUF file -> LlamaConfig."""
     arch = gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise CheckpointError(f"GGUF architecture {arch!r} is not supported; only 'llama' GGUF files load "
                               "(SmolLM2, TinyLlama, Llama 2/3 convert to it)")
-    k = lambda key, default=None: gguf_field(reader, f"llama.{key}", default)  # noqa: E731
+    meta = {key.removeprefix("llama."): gguf_field(reader, key) for key in reader.fields if key.startswith("llama.")}
+    where = f"{file}: metadata llama."
+    num = lambda key, kind=int, default=_REQUIRED: number(meta, key, kind, default, where)  # noqa: E731
     names = {t.name: t for t in reader.tensors}
-    required = ("embedding_length", "block_count", "feed_forward_length", "attention.head_count")
-    if any(k(key) is None for key in required) or "token_embd.weight" not in names:
-        raise CheckpointError(f"GGUF file lacks llama.{'/'.join(required)} or token_embd.weight: incomplete file")
-    dim, n_heads = k("embedding_length"), k("attention.head_count")
-    head_dim = k("attention.key_length") or dim // n_heads
-    if k("rope.dimension_count", head_dim) != head_dim:
-        raise CheckpointError(f"GGUF rotates only {k('rope.dimension_count')} of {head_dim} channels per head "
+    if "token_embd.weight" not in names:
+        raise CheckpointError(f"{file} has no token_embd.weight: an incomplete file")
+    dim, n_heads = num("embedding_length"), num("attention.head_count")
+    head_dim = num("attention.key_length", int, None) or dim // n_heads
+    if num("rope.dimension_count", int, head_dim) != head_dim:
+        raise CheckpointError(f"{file} rotates only {meta['rope.dimension_count']} of {head_dim} channels per head "
                               "(partial RoPE): not supported")
-    vocab = k("vocab_size") or int(names["token_embd.weight"].shape[1])  # GGUF shapes: innermost first
-    scaling_type = k("rope.scaling.type", "none")
-    if scaling_type not in ("none", ""):
-        raise CheckpointError(f"GGUF rope scaling {scaling_type!r} is not supported (only Llama 3.1 rope_freqs)")
+    vocab = num("vocab_size", int, None) or int(names["token_embd.weight"].shape[1])  # GGUF shapes: innermost first
+    scaling_type = meta.get("rope.scaling.type") or "none"
+    if scaling_type != "none":
+        raise CheckpointError(f"{file}: rope scaling {scaling_type!r} is not supported (only Llama 3.1 rope_freqs)")
     rope_scaling = None
     if "rope_freqs.weight" in names:  # Llama 3.1: llama.cpp stores the per-pair divisors, not the parameters
         factors = torch.from_numpy(np.array(names["rope_freqs.weight"].data, dtype=np.float32))
         rope_scaling = RopeScaling(factor=float(factors.max()),
-                                   original_max_seq_len=int(k("rope.scaling.original_context_length") or 8192))
-    cfg = LlamaConfig(
-        vocab_size=int(vocab), dim=dim, n_layers=k("block_count"), n_heads=n_heads,
-        n_kv_heads=k("attention.head_count_kv") or n_heads, hidden_dim=k("feed_forward_length"),
-        norm_eps=_f32(k("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=_f32(k("rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling, max_seq_len=int(k("context_length", 2048)),
-        tie_embeddings="output.weight" not in names, head_dim=head_dim,
-        name=gguf_field(reader, "general.name") or "custom")
+                                   original_max_seq_len=num("rope.scaling.original_context_length", int, 8192))
+    cfg = build_config(
+        file, vocab_size=int(vocab), dim=dim, n_layers=num("block_count"), n_heads=n_heads,
+        n_kv_heads=num("attention.head_count_kv", int, n_heads), hidden_dim=num("feed_forward_length"),
+        norm_eps=_f32(num("attention.layer_norm_rms_epsilon", float, 1e-5)),
+        rope_theta=_f32(num("rope.freq_base", float, 10000.0)), rope_scaling=rope_scaling,
+        max_seq_len=num("context_length", int, 2048), tie_embeddings="output.weight" not in names,
+        head_dim=head_dim, name=str(gguf_field(reader, "general.name") or "custom"))
     if rope_scaling is not None:
         _check_rope_factors(cfg, factors)
     return cfg
