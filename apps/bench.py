@@ -47,6 +47,7 @@ def timed(fn, device: str, repeat: int = 3) -> float:
 
 def bench_ours(args, compile: bool) -> dict:
     from minllama.core.checkpoint import load_pretrained
+    from minllama.core.cache import StaticKVCache
     from minllama.core.generate import generate_stream
 
     t0 = time.perf_counter()
@@ -56,9 +57,9 @@ def bench_ours(args, compile: bool) -> dict:
     prompt = prompt.to(args.device)
 
     with torch.no_grad():
-        model.setup_cache(1, args.prompt_len + args.new_tokens)
+        cache = StaticKVCache(model, 1, args.prompt_len + args.new_tokens)
         pos = torch.arange(args.prompt_len, device=args.device)
-        prefill_s = timed(lambda: model(prompt, pos, last_only=True), args.device)
+        prefill_s = timed(lambda: model(prompt, pos, last_only=True, cache=cache), args.device)
 
     def decode() -> float:
         stream = generate_stream(model, prompt.tolist(), args.new_tokens, compile=compile)

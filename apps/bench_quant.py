@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from minllama.core.cache import StaticKVCache
 from minllama.core.checkpoint import load_pretrained
 from minllama.core.generate import generate_stream
 from minllama.quant import load_gguf_quantized, load_quantized, model_bytes, prepare, quantize, save_quantized
@@ -65,10 +66,10 @@ def build(row, workdir: str):
 def speed(model, prompt_len: int, new_tokens: int, compile_too: bool) -> tuple[float, float, float]:
     """(prefill tok/s, eager decode tok/s, compiled decode tok/s or nan)."""
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    model.setup_cache(1, prompt_len + new_tokens)
-    model(prompt, torch.arange(prompt_len), last_only=True)  # warm-up
+    cache = StaticKVCache(model, 1, prompt_len + new_tokens)
+    model(prompt, torch.arange(prompt_len), last_only=True, cache=cache)  # warm-up
     t0 = time.perf_counter()
-    model(prompt, torch.arange(prompt_len), last_only=True)
+    model(prompt, torch.arange(prompt_len), last_only=True, cache=cache)
     prefill = prompt_len / (time.perf_counter() - t0)
 
     def decode(compile: bool) -> float:

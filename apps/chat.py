@@ -10,6 +10,7 @@ In the interactive chat, /reset forgets the conversation and /quit (or Ctrl-D) l
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import sys
@@ -119,17 +120,15 @@ def answer(model, tokenizer, fmt, messages, args, generator) -> str:
     start, pieces = time.perf_counter(), []
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
                     on_token=lambda _: token_times.append(time.perf_counter()))
-    if args.session is not None:  # --streaming: one rolling cache for the whole conversation
-        pieces_in = args.session.stream_text(tokenizer, prompt, args.max_new_tokens, **sampling)
-    else:
-        pieces_in = stream_text(model, tokenizer, prompt, args.max_new_tokens, compile=args.compile, **sampling)
-    for piece in pieces_in:
+    # --streaming: one rolling cache for the whole conversation; otherwise a fresh cache per answer. Both run the
+    # model's own forward (any attention variant swapped into it) through core's decode loop.
+    text = args.session.stream_text if args.session is not None else functools.partial(stream_text, model)
+    for piece in text(tokenizer, prompt, args.max_new_tokens, compile=args.compile, **sampling):
         print(piece, end="", flush=True)
         pieces.append(piece)
     n = len(token_times)
     if n:  # the first token comes out of the prefill; the rest are decode steps
-        compiled = args.compile and args.session is None  # --streaming decodes through its own rolling cache
-        first = 1 if compiled and n > 2 else 0  # the first compiled decode step may include compiling
+        first = 1 if args.compile and n > 2 else 0  # the first compiled decode step may include compiling
         decode = (n - 1 - first) / (token_times[-1] - token_times[first]) if n > 1 else float("nan")
         print(f"\n[{n} tokens, {decode:.1f} tok/s decode; prompt {len(prompt)} tokens in "
               f"{token_times[0] - start:.2f} s]", file=sys.stderr)

@@ -103,7 +103,6 @@ def evaluate(model, tokenizer, fmt, data, batch_size: int = 16) -> tuple[float, 
         prompts = [prompt_ids(tokenizer, fmt, review) for review, _ in chunk]
         out = generate(model, prompts, max_new_tokens=8, stop_ids=tokenizer.stop_ids)
         answers += [tokenizer.decode([t for t in o if t not in tokenizer.stop_ids]).strip() for o in out]
-    model.clear_cache()
     correct = sum(a == label for a, (_, label) in zip(answers, data))
     return correct / max(len(data), 1), answers
 

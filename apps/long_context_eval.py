@@ -147,7 +147,6 @@ def main(argv=None) -> int:
                 answer = tokenizer.decode(generate(model, [prompt], 8)[0])
                 hits += key in answer
             acc[L] = hits / args.passkey_trials
-        model.clear_cache()
         unscale_rope(model, max_seq_len=original_len)
         results["perplexity"][method], results["passkey"][method] = ppl, acc
         print(f"{method:>8}: perplexity " + "  ".join(f"{L}: {p:7.2f}" for L, p in ppl.items()) +

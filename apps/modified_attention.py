@@ -13,12 +13,12 @@ each head's queries and keys and subtracts them, like a differential amplifier c
 Each head's output is normalized on its own (RMSNorm over its channels, the paper's "GroupNorm") and multiplied by
 (1 - λ_init), so that the gradients match the standard Transformer's at the start of training.
 
-What changes against ``minllama.core.model.Attention``: nothing in the weights' shapes. With ``h = n_heads / 2``
-differential heads, standard query heads 2j and 2j+1 become Q1 and Q2 of differential head j, and each differential
-head reads values of ``2 · head_dim`` channels (standard value heads 2j and 2j+1 side by side). So ``wq, wk, wv, wo``
-keep their names and shapes, RoPE and grouped-query attention work unchanged, and the KV cache holds, per
-differential KV head, ``[K1 | K2]`` and ``V`` of ``2 · head_dim`` channels each: one ``KVCache`` of half the heads
-and twice the width, which ``DiffLlama.setup_cache`` allocates. ``generate`` then works as for any MinimalLlama.
+What changes against ``minllama.core.model.Attention``: one step, ``attend``. With ``h = n_heads / 2``
+differential heads, standard query heads 2j and 2j+1 become Q1 and Q2 of differential head j (the even and the odd
+heads), likewise for the keys, and each differential head reads values of ``2 · head_dim`` channels (standard value
+heads 2j and 2j+1 side by side). So ``wq, wk, wv, wo`` keep their names and shapes, the projections, RoPE, grouped
+queries and the KV cache (standard heads, as stored by core) are core's, and ``generate`` works as for any
+MinimalLlama, with any cache.
 
 The experiment: both models, same config, same initial seed, same batches (byte-level text: the docstrings of the
 Python standard library installed with the interpreter, nothing downloaded), same optimizer and number of steps,
@@ -46,7 +46,7 @@ from torch import Tensor
 from minllama.core.checkpoint import atomic_write
 from minllama.core.config import LlamaConfig
 from minllama.core.generate import generate
-from minllama.core.model import Attention, KVCache, MinimalLlama, RMSNorm, TransformerBlock, apply_rope
+from minllama.core.model import Attention, MinimalLlama, RMSNorm
 
 from lr_schedule import lr_at  # apps/lr_schedule.py, beside this script
 
@@ -63,8 +63,8 @@ class DifferentialAttention(Attention):
     Same ``wq, wk, wv, wo`` as ``Attention``; new parameters: the four λ vectors (head_dim each, shared by the
     heads of the layer, as in the paper) and the per-head RMSNorm ``subln`` (2 · head_dim)."""
 
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: LlamaConfig, layer_index: int = 0):
+        super().__init__(cfg, layer_index)
         if cfg.n_heads % 2 or cfg.n_kv_heads % 2:
             raise ValueError(f"differential attention pairs heads: n_heads={cfg.n_heads} and "
                              f"n_kv_heads={cfg.n_kv_heads} must both be even (e.g. tiny-gqa or tiny-mha)")
@@ -74,7 +74,7 @@ class DifferentialAttention(Attention):
         self.lambda_k1 = nn.Parameter(torch.zeros(d))
         self.lambda_q2 = nn.Parameter(torch.zeros(d))
         self.lambda_k2 = nn.Parameter(torch.zeros(d))
-        self.lambda_init = lambda_init_for(0)  # a constant of the layer; DiffLlama sets it from the layer's depth
+        self.lambda_init = lambda_init_for(layer_index)  # a constant of the layer: deeper layers subtract more
         self.subln = RMSNorm(2 * d, eps=cfg.norm_eps)
 
     def lam(self) -> Tensor:
@@ -82,49 +82,25 @@ class DifferentialAttention(Attention):
         return (torch.exp((self.lambda_q1 * self.lambda_k1).sum()) - torch.exp((self.lambda_q2 * self.lambda_k2).sum())
                 + self.lambda_init)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
-        B, T, _ = x.shape
-        h, h_kv, d = self.n_diff_heads, self.n_diff_kv_heads, self.head_dim
-        q = apply_rope(self.wq(x).view(B, T, 2 * h, d), rope)  # (B, T, 2h, d): RoPE per standard head, as usual
-        k = apply_rope(self.wk(x).view(B, T, 2 * h_kv, d), rope)
-        # Pair the standard heads: differential head j holds [Q1 | Q2] = standard heads 2j, 2j+1 side by side.
-        q = q.reshape(B, T, h, 2 * d).transpose(1, 2)  # (B, h, T, 2d)
-        k = k.reshape(B, T, h_kv, 2 * d).transpose(1, 2)  # (B, h_kv, T, 2d) = [K1 | K2]
-        v = self.wv(x).view(B, T, h_kv, 2 * d).transpose(1, 2)  # (B, h_kv, T, 2d)
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, h_kv, S, 2d)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q (B, 2h, T, d), k, v (B, 2h_kv, S, d): standard heads, rotated (and cached) as usual -> (B, h, T, 2d),
+        which core's ``project_out`` flattens to the same h · 2d = n_heads · d channels ``wo`` always reads."""
+        d = q.shape[-1]
+        # Differential head j pairs standard heads 2j (Q1, K1) and 2j+1 (Q2, K2); its values are both side by side.
+        q1, q2, k1, k2 = q[:, 0::2], q[:, 1::2], k[:, 0::2], k[:, 1::2]  # (B, h, T, d), (B, h_kv, S, d)
+        v = torch.cat([v[:, 0::2], v[:, 1::2]], dim=-1)  # (B, h_kv, S, 2d)
         attend = functools.partial(F.scaled_dot_product_attention, attn_mask=mask, is_causal=mask is None,
-                                   enable_gqa=h_kv != h)
+                                   enable_gqa=k1.shape[1] != q1.shape[1])
         # (A1 - λ A2) V = A1 V - λ A2 V: two fused attention calls instead of materializing the maps.
-        y1 = attend(q[..., :d], k[..., :d], v)  # softmax(Q1 K1ᵀ / √d) V   (B, h, T, 2d)
-        y2 = attend(q[..., d:], k[..., d:], v)  # softmax(Q2 K2ᵀ / √d) V
-        y = self.subln(y1 - self.lam() * y2) * (1 - self.lambda_init)  # per-head norm, then the fixed rescaling
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class DiffBlock(TransformerBlock):
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__(cfg)
-        self.attention = DifferentialAttention(cfg)
+        y1 = attend(q1, k1, v)  # softmax(Q1 K1ᵀ / √d) V   (B, h, T, 2d)
+        y2 = attend(q2, k2, v)  # softmax(Q2 K2ᵀ / √d) V
+        return self.subln(y1 - self.lam() * y2) * (1 - self.lambda_init)  # per-head norm, then the fixed rescaling
 
 
 class DiffLlama(MinimalLlama):
     """MinimalLlama with differential attention in every layer; embedding, FFN, head, generation unchanged."""
 
-    block_class = DiffBlock
-
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__(cfg)
-        for index, layer in enumerate(self.layers):  # a block is built without its index: tell it afterwards
-            layer.attention.lambda_init = lambda_init_for(index)
-
-    def setup_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> None:
-        super().setup_cache(batch_size, max_len, dtype)  # checks max_len, picks dtype and device, sets cache_len
-        cfg = self.config
-        for layer in self.layers:  # half the KV heads, each twice as wide: [K1 | K2] and V of 2 · head_dim
-            std = layer.attention.kv_cache
-            layer.attention.kv_cache = KVCache(batch_size, cfg.n_kv_heads // 2, self.cache_len, 2 * cfg.head_dim,
-                                               dtype=std.k.dtype, device=std.k.device)
+    attention_class = DifferentialAttention
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:

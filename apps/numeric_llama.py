@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from minllama.core.cache import KVCache, StaticKVCache
 from minllama.core.checkpoint import atomic_write
 from minllama.core.config import LlamaConfig
 from minllama.core.generate import generate
@@ -132,14 +133,14 @@ class NumericLlama(MinimalLlama):
         return torch.where(is_num.unsqueeze(-1), scaled, h)
 
     def hidden_states(self, tokens: Tensor, input_pos: Tensor | None = None, pad: Tensor | None = None,
-                      values: Tensor | None = None) -> Tensor:
+                      values: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """MinimalLlama.hidden_states fed with ``embed``'s vectors: [NUM] embeddings scaled by their values.
         MinimalLlama.forward calls this without values, so text without numbers works as usual."""
-        return super().hidden_states(tokens, input_pos, pad, embeddings=self.embed(tokens, values))
+        return super().hidden_states(tokens, input_pos, pad, embeddings=self.embed(tokens, values), cache=cache)
 
     def forward_numbers(self, tokens: Tensor, values: Tensor, input_pos: Tensor | None = None,
-                        pad: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        h = self.hidden_states(tokens, input_pos, pad, values)
+                        pad: Tensor | None = None, cache: KVCache | None = None) -> tuple[Tensor, Tensor]:
+        h = self.hidden_states(tokens, input_pos, pad, values, cache)
         return self.output(h), self.number_head(h).squeeze(-1)  # (B, T, vocab), (B, T)
 
     @torch.no_grad()
@@ -163,11 +164,11 @@ def generate_numbers(model: NumericLlama, prompts: list[tuple[list[int], list[fl
     tokens = torch.tensor([ids for ids, _ in prompts], device=device)
     values = torch.tensor([vals for _, vals in prompts], device=device)
     B, T = tokens.shape
-    model.setup_cache(B, min(T + max_new_tokens, model.config.max_seq_len))
-    logits, numbers = model.forward_numbers(tokens, values, torch.arange(T, device=device))
+    cache = StaticKVCache(model, B, min(T + max_new_tokens, model.config.max_seq_len))
+    logits, numbers = model.forward_numbers(tokens, values, cache.reserve(T, device), cache=cache)
     out = [([], []) for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for i in range(min(max_new_tokens, model.cache_len - T)):
+    for i in range(cache.room(max_new_tokens)):
         token = logits[:, -1].argmax(-1)  # (B,)
         value = torch.where(token == model.num_id, numbers[:, -1], torch.ones_like(numbers[:, -1]))
         for row in (~done).nonzero().flatten().tolist():
@@ -176,8 +177,7 @@ def generate_numbers(model: NumericLlama, prompts: list[tuple[list[int], list[fl
         done |= token == stop_id
         if bool(done.all()):
             break
-        logits, numbers = model.forward_numbers(token[:, None], value[:, None], torch.tensor([T + i], device=device))
-    model.clear_cache()
+        logits, numbers = model.forward_numbers(token[:, None], value[:, None], cache.reserve(1, device), cache=cache)
     return out
 
 

@@ -12,6 +12,8 @@ APPS = Path(__file__).parents[1]
 sys.path.insert(0, str(APPS))
 
 import modified_attention as ma  # noqa: E402
+from minllama.core.cache import StaticKVCache
+from minllama.core.model import apply_rope
 from minllama.core.config import LlamaConfig  # noqa: E402
 from minllama.core.generate import generate  # noqa: E402
 from minllama.core.model import MinimalLlama  # noqa: E402
@@ -28,8 +30,8 @@ def naive_diff_attention(attn: ma.DifferentialAttention, x, rope):
     """The paper's equations with explicit attention maps, one differential head at a time."""
     B, T, _ = x.shape
     d, h, h_kv = attn.head_dim, attn.n_diff_heads, attn.n_diff_kv_heads
-    q = ma.apply_rope(attn.wq(x).view(B, T, 2 * h, d), rope)  # standard heads 2j, 2j+1 = Q1, Q2 of head j
-    k = ma.apply_rope(attn.wk(x).view(B, T, 2 * h_kv, d), rope)
+    q = apply_rope(attn.wq(x).view(B, T, 2 * h, d), rope)  # standard heads 2j, 2j+1 = Q1, Q2 of head j
+    k = apply_rope(attn.wk(x).view(B, T, 2 * h_kv, d), rope)
     v = attn.wv(x).view(B, T, h_kv, 2 * d)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     lam = (math.exp((attn.lambda_q1 * attn.lambda_k1).sum().item())
@@ -141,11 +143,10 @@ def test_kv_cache_decoding_equals_the_full_forward(name):
     tokens = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         full = model(tokens)
-        model.setup_cache(2, 32)
-        k = model.layers[0].attention.kv_cache.k
-        assert k.shape == (2, model.config.n_kv_heads // 2, 32, 2 * model.config.head_dim)
-        prefill = model(tokens[:, :8], torch.arange(8))
-        steps = [model(tokens[:, t:t + 1], torch.tensor([t])) for t in range(8, 12)]
+        cache = StaticKVCache(model, 2, 32)  # core's cache, unchanged: differential heads pair standard ones
+        assert cache.k[0].shape == (2, model.config.n_kv_heads, 32, model.config.head_dim)
+        prefill = model(tokens[:, :8], torch.arange(8), cache=cache)
+        steps = [model(tokens[:, t:t + 1], torch.tensor([t]), cache=cache) for t in range(8, 12)]
     assert torch.allclose(prefill, full[:, :8], atol=1e-5)
     assert torch.allclose(torch.cat(steps, 1), full[:, 8:], atol=1e-5)
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 APPS = Path(__file__).parents[1]
 sys.path.insert(0, str(APPS))
 
+from minllama.core.cache import StaticKVCache
 import numeric_llama as nl  # noqa: E402
 from minllama.core.config import LlamaConfig  # noqa: E402
 from minllama.core.generate import generate  # noqa: E402
@@ -88,9 +89,10 @@ def test_kv_cache_equals_the_full_forward_for_logits_and_numbers():
     T = tokens.size(1)
     with torch.no_grad():
         full_logits, full_numbers = model.forward_numbers(tokens, values)
-        model.setup_cache(2, 32)
-        pre_logits, pre_numbers = model.forward_numbers(tokens[:, :5], values[:, :5], torch.arange(5))
-        steps = [model.forward_numbers(tokens[:, t:t + 1], values[:, t:t + 1], torch.tensor([t])) for t in range(5, T)]
+        cache = StaticKVCache(model, 2, 32)
+        pre_logits, pre_numbers = model.forward_numbers(tokens[:, :5], values[:, :5], torch.arange(5), cache=cache)
+        steps = [model.forward_numbers(tokens[:, t:t + 1], values[:, t:t + 1], torch.tensor([t]), cache=cache)
+                 for t in range(5, T)]
     assert torch.allclose(pre_logits, full_logits[:, :5], atol=1e-5)
     assert torch.allclose(pre_numbers, full_numbers[:, :5], atol=1e-5)
     assert torch.allclose(torch.cat([s[0] for s in steps], 1), full_logits[:, 5:], atol=1e-5)
@@ -115,7 +117,7 @@ def test_generate_numbers_feeds_predicted_values_back_like_an_uncached_loop():
         assert new_ids == ids[len(prompts[0][0]):]
         assert new_vals == pytest.approx(vals[len(prompts[0][0]):], abs=1e-5)
     assert any(TOK.num_id in new_ids for new_ids, _ in got)
-    assert model.cache_len == 0  # the cache is released afterwards
+    assert [name for name, _ in model.named_buffers()] == ["rope"]  # the cache was the call's, not the model's
 
 
 def test_xval_loss_is_cross_entropy_plus_the_squared_error_at_num_targets():

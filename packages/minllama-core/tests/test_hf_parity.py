@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from core_helpers import TINY, tiny_model
+from minllama.core.cache import StaticKVCache
 from minllama.core.checkpoint import load_pretrained, save_hf
 from minllama.core.config import LlamaConfig
 from minllama.core.formats import meta_to_hf_rows
@@ -137,13 +138,10 @@ def test_smollm2_gguf_greedy_continuation_matches_transformers(ours, oracle, one
                            eos_token_id=None, pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
     assert len(expected) == 64  # no early stop at <|im_end|>: both sides continue greedily past it
     # Ours: the model's own KV cache, one token per step (nothing shared with generate.py or transformers).
-    ours.setup_cache(1, len(ids) + 64)
-    try:
-        logits = ours(torch.tensor([ids]), torch.arange(len(ids)), last_only=True)
-        got = []
-        for i in range(64):
-            got.append(int(logits[0, -1].argmax()))
-            logits = ours(torch.tensor([got[-1:]]), torch.tensor([len(ids) + i]))
-    finally:
-        ours.clear_cache()
+    cache = StaticKVCache(ours, 1, len(ids) + 64)
+    logits = ours(torch.tensor([ids]), torch.arange(len(ids)), last_only=True, cache=cache)
+    got = []
+    for i in range(64):
+        got.append(int(logits[0, -1].argmax()))
+        logits = ours(torch.tensor([got[-1:]]), torch.tensor([len(ids) + i]), cache=cache)
     assert got == expected, f"ours: {tok.decode(got)!r}\ntransformers: {tok.decode(expected)!r}"

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from core_helpers import TINY, tiny_model
+from minllama.core.cache import StaticKVCache
 from minllama.core.config import PRESETS, LlamaConfig
 from minllama.core.model import MinimalLlama, apply_rope, rope_cache, rope_frequencies
 
@@ -20,9 +21,9 @@ def test_kv_cache_decoding_equals_full_recomputation(name):
     tokens = torch.randint(0, model.config.vocab_size, (2, 20))
     with torch.no_grad():
         full = model(tokens)
-        model.setup_cache(2, 32)
-        steps = [model(tokens[:, :8], torch.arange(8))]  # prefill 8, then one token at a time
-        steps += [model(tokens[:, t:t + 1], torch.tensor([t])) for t in range(8, 20)]
+        cache = StaticKVCache(model, 2, 32)
+        steps = [model(tokens[:, :8], torch.arange(8), cache=cache)]  # prefill 8, then one token at a time
+        steps += [model(tokens[:, t:t + 1], torch.tensor([t]), cache=cache) for t in range(8, 20)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -32,8 +33,7 @@ def test_left_padding_equals_unpadded_row():
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)  # 3 slots of left padding
     with torch.no_grad():
         alone = model(short)
-        model.setup_cache(1, 16)
-        batched = model(padded, torch.arange(8), pad=torch.tensor([3]))
+        batched = model(padded, torch.arange(8), pad=torch.tensor([3]), cache=StaticKVCache(model, 1, 16))
     torch.testing.assert_close(batched[:, 3:], alone, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(batched).all()  # padding queries must not produce NaN that could leak
 
@@ -109,7 +109,6 @@ def test_too_long_input_is_a_clear_error():
 def test_a_subclass_can_replace_one_piece():
     """Swap the feed-forward for a ReLU^2 one: only that class changes, the rest (cache, RoPE) is reused."""
     import torch.nn as nn
-    from minllama.core.model import TransformerBlock
 
     class ReluSquaredFFN(nn.Module):
         def __init__(self, cfg):
@@ -119,13 +118,8 @@ def test_a_subclass_can_replace_one_piece():
         def forward(self, x):
             return self.down(torch.relu(self.up(x)) ** 2)
 
-    class Block(TransformerBlock):
-        def __init__(self, cfg):
-            super().__init__(cfg)
-            self.feed_forward = ReluSquaredFFN(cfg)
-
     class MyLlama(MinimalLlama):
-        block_class = Block
+        feed_forward_class = ReluSquaredFFN
 
     model = MyLlama(LlamaConfig.from_name("tiny-gqa"))
     assert isinstance(model.layers[1].feed_forward, ReluSquaredFFN)
@@ -155,11 +149,11 @@ def test_plain_forward_ignores_and_keeps_an_existing_cache():
     tokens = torch.randint(0, 256, (2, 6))
     with torch.no_grad():
         before = model(tokens)
-        model.setup_cache(1, 16)  # a cache of another batch size, left over from generation
-        model(tokens[:1, :3], torch.arange(3))
-        snapshot = model.layers[0].attention.kv_cache.k.clone()
+        cache = StaticKVCache(model, 1, 16)  # a cache of another batch size, left over from generation
+        model(tokens[:1, :3], torch.arange(3), cache=cache)
+        snapshot = cache.k[0].clone()
         torch.testing.assert_close(model(tokens), before)
-    assert torch.equal(model.layers[0].attention.kv_cache.k, snapshot)
+    assert torch.equal(cache.k[0], snapshot)
 
 
 def test_hidden_states_are_what_the_head_reads():

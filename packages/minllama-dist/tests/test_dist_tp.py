@@ -4,6 +4,7 @@ import torch
 
 from dist_helpers import ok, run_ranks, tiny_model
 from minllama.core import generate
+from minllama.core.cache import StaticKVCache
 from minllama.dist import apply_tensor_parallel, data_parallel_mesh
 
 PROMPTS = [[5, 17, 99, 3, 250, 8, 41], [12, 7, 200]]  # different lengths: left padding and masks are exercised
@@ -17,7 +18,7 @@ def tp_worker(rank, world):
         tokens = generate(model, PROMPTS, max_new_tokens=24)
         attn = model.layers[0].attention
         out[name] = {"tokens": tokens, "logits": model(torch.tensor([PROMPTS[0]])).detach(),
-                     "local_wq": tuple(attn.wq.weight.to_local().shape), "cache": tuple(attn.kv_cache.k.shape)}
+                     "local_wq": tuple(attn.wq.weight.to_local().shape), "cache": tuple(StaticKVCache(model, 2, 16).k[0].shape)}
     try:
         apply_tensor_parallel(tiny_model("tiny-mqa"), data_parallel_mesh(torch.device("cpu")))
     except ValueError as e:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from extend_helpers import smollm2_gguf, tiny_model
+from minllama.core.cache import StaticKVCache
 from minllama.core.generate import generate, stream_text
 from minllama.extend.streaming import SinkKVCache, StreamingChat, streaming_forward, streaming_generate
 
@@ -17,12 +18,11 @@ def test_before_the_window_fills_it_equals_plain_cached_decoding(name):
     cache = SinkKVCache(model, n_sink=4, window=60)
     ours = [streaming_forward(model, cache, ids[:, :20])]  # a prefill chunk, then one token at a time
     ours += [streaming_forward(model, cache, ids[:, t:t + 1]) for t in range(20, 50)]
-    model.setup_cache(1, 64)
-    plain = [model(ids[:, :20], torch.arange(20))]
-    plain += [model(ids[:, t:t + 1], torch.tensor([t])) for t in range(20, 50)]
+    static = StaticKVCache(model, 1, 64)
+    plain = [model(ids[:, :20], torch.arange(20), cache=static)]
+    plain += [model(ids[:, t:t + 1], torch.tensor([t]), cache=static) for t in range(20, 50)]
     torch.testing.assert_close(torch.cat(ours, 1), torch.cat(plain, 1), rtol=1e-5, atol=1e-5)
     assert cache.n_evicted == 0 and cache.length == 50
-    model.clear_cache()
     prompt = ids[0, :10].tolist()
     assert list(streaming_generate(model, prompt, 40, n_sink=4, window=60)) == generate(model, [prompt], 40)[0]
 
@@ -84,7 +84,6 @@ def test_streaming_chat_answers_like_plain_chat_on_smollm2():
         prompt = fmt.encode_dialog(tok, messages)
         ours = "".join(chat.stream_text(tok, prompt, 24))
         assert ours == "".join(stream_text(model, tok, prompt, 24))
-        model.clear_cache()
         messages.append({"role": "assistant", "content": ours})
         if follow_up:
             messages.append({"role": "user", "content": follow_up})

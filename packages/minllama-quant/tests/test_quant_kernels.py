@@ -114,17 +114,18 @@ def test_compiled_decode_step_calls_the_kernels_and_matches_eager(scheme, opts):
     (seen by the profiler) and gives the eager step's logits (the same bf16 roundings, fused differently)."""
     from torch.profiler import profile
 
+    from minllama.core.cache import StaticKVCache
     from minllama.core.generate import _decode_step, compiled_decode_step
 
     model = quantize(tiny_model(), scheme, **opts)
-    model.setup_cache(1, 32)
-    model(torch.randint(0, 256, (1, 6)), torch.arange(6))
+    cache = StaticKVCache(model, 1, 32)
+    model(torch.randint(0, 256, (1, 6)), torch.arange(6), cache=cache)
     token, pos = torch.tensor([[7]]), torch.tensor([6])
     with torch.no_grad():
-        eager = _decode_step(model, token, pos, None)
+        eager = _decode_step(model, token, pos, None, cache)
         step = compiled_decode_step(model)
-        step(model, token, pos, None)  # compile
+        step(model, token, pos, None, cache)  # compile
         with profile() as prof:
-            compiled = step(model, token, pos, None)
+            compiled = step(model, token, pos, None, cache)
     assert any(KERNEL_OPS[scheme] in e.name for e in prof.events()), "the compiled step skipped the kernel"
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3 * eager.abs().max().item())

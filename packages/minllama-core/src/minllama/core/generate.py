@@ -1,7 +1,8 @@
 """Text generation: prefill the prompt once, then decode one token at a time from the KV cache.
 
-    prefill:  model(prompt (B, T), input_pos=0..T-1)      -> logits of the last position, cache filled
-    decode:   model(token (B, 1), input_pos=[t])            -> logits, one cache slot written per step
+    cache = StaticKVCache(model, B, max_len)                        generation owns the cache
+    prefill:  model(prompt (B, T), input_pos=0..T-1, cache=cache)   -> logits of the last position, cache filled
+    decode:   model(token (B, 1), input_pos=[t], cache=cache)       -> logits, one cache slot written per step
 
 Prompts of different lengths are batched by padding on the left, so that every row's last prompt token sits in
 the same slot; ``MinimalLlama`` masks the padding and restarts each row's positions at 0 after it, which makes each
@@ -18,6 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .cache import KVCache, StaticKVCache
 from .model import MinimalLlama
 
 NAN_LOGITS = ("the model produced NaN logits: its weights or activations are not finite (a damaged checkpoint, or "
@@ -94,18 +96,21 @@ def check_generation_args(prompts: Sequence[Sequence[int]], max_new_tokens: int,
 
 
 def _cache_bucket(n: int) -> int:
-    """Cache length for n tokens: a power of two, at least 256. A chat whose prompt grows reallocates (and, with
-    ``compile``, recompiles the decode step) only when it crosses a power of two: a handful of times per context."""
+    """Cache length for n tokens: a power of two, at least 256. With ``compile``, a chat whose prompt grows
+    recompiles the decode step (whose shapes are the cache's) only when it crosses a power of two: a handful of
+    times per context."""
     return max(256, 1 << (n - 1).bit_length())
 
 
-def _decode_step(model: MinimalLlama, token: Tensor, input_pos: Tensor, pad: Tensor | None) -> Tensor:
-    return model(token, input_pos, pad)[:, -1]  # (B, vocab)
+def _decode_step(model: MinimalLlama, token: Tensor, input_pos: Tensor, pad: Tensor | None,
+                 cache: KVCache) -> Tensor:
+    return model(token, input_pos, pad, cache=cache)[:, -1]  # (B, vocab)
 
 
 def compiled_decode_step(model: MinimalLlama):
     """The decode step, compiled once per model. Its shapes are those of the static KV cache, so it recompiles only
-    when ``generate_stream`` grows the cache to the next power-of-two bucket.
+    for a cache of another size (the next power-of-two bucket, another batch size); a new cache of the same shape
+    reuses it.
 
     torch.compile keeps the versions it compiles on the Python *code object* it traced, and allows at most
     ``torch._dynamo.config.recompile_limit`` (8) of them per code object. Shared by every model, ``_decode_step``
@@ -121,32 +126,41 @@ def compiled_decode_step(model: MinimalLlama):
 def generate_stream(model: MinimalLlama, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     stop_ids: Iterable[int] = (), generator: torch.Generator | None = None,
-                    compile: bool = False, pad_id: int = 0) -> Iterator[Tensor]:
+                    compile: bool = False, pad_id: int = 0, cache: KVCache | None = None) -> Iterator[Tensor]:
     """Yield the next token of every row, (B,), until every row has produced a stop id or the budget is spent.
 
     Rows that already stopped keep producing tokens until the whole batch is done: callers cut each row at its
     first stop id (``generate`` does). Bad arguments are a ValueError before any work (``check_generation_args``),
     and so are NaN logits (a broken model), instead of a token.
+
+    ``cache``: by default a ``StaticKVCache`` made for this call. Pass your own to continue where it stopped (the
+    prompts are then only the new tokens) or to use another kind, e.g. extend's rolling ``SinkKVCache``, whose
+    room never runs out; a prompt longer than ``cache.max_chunk`` is fed in chunks.
     """
     cfg, device = model.config, model.rope.device
     check_generation_args(prompts, max_new_tokens, cfg.vocab_size, temperature=temperature, top_k=top_k,
                           top_p=top_p, pad_id=pad_id)
     lengths = [len(p) for p in prompts]
     T, B = max(lengths), len(prompts)
-    if T >= cfg.max_seq_len:
-        raise ValueError(f"the prompt has {T} tokens but the model's context is {cfg.max_seq_len}: "
+    if cache is None:
+        if T >= cfg.max_seq_len:
+            raise ValueError(f"the prompt has {T} tokens but the model's context is {cfg.max_seq_len}: "
+                             f"shorten the prompt (or reset the conversation) to leave room for an answer")
+        cache = StaticKVCache(model, B, min(_cache_bucket(T + int(max_new_tokens)), cfg.max_seq_len))
+    elif cache.room(T + 1) < T + 1:
+        raise ValueError(f"the prompt has {T} tokens but the cache has room for {cache.room(T + 1)} more: "
                          f"shorten the prompt (or reset the conversation) to leave room for an answer")
-    max_new_tokens = min(int(max_new_tokens), cfg.max_seq_len - T)  # int: a numpy integer is fine too
-    needed = min(_cache_bucket(T + max_new_tokens), cfg.max_seq_len)  # reused by later calls that fit in it
-    if model.cache_len < needed or model.layers[0].attention.kv_cache.k.size(0) != B:
-        model.setup_cache(B, needed)
+    max_new_tokens = cache.room(T + int(max_new_tokens)) - T  # int: a numpy integer is fine too
     tokens = torch.tensor([[pad_id] * (T - n) + list(p) for n, p in zip(lengths, prompts)], device=device)
     pad = torch.tensor([T - n for n in lengths], device=device) if len(set(lengths)) > 1 else None
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step = compiled_decode_step(model) if compile else _decode_step
 
-    logits = model(tokens, torch.arange(T, device=device), pad, last_only=True)[:, -1]  # prefill: (B, vocab)
+    chunk = getattr(cache, "max_chunk", None) or T
+    for i in range(0, T, chunk):  # prefill: (B, vocab)
+        piece = tokens[:, i:i + chunk]
+        logits = model(piece, cache.reserve(piece.shape[1], device), pad, last_only=True, cache=cache)[:, -1]
     for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
         done |= torch.isin(token, stop)
@@ -158,7 +172,7 @@ def generate_stream(model: MinimalLlama, prompts: Sequence[Sequence[int]], max_n
         yield token
         if finished or i == max_new_tokens - 1:
             break
-        logits = step(model, token[:, None], torch.tensor([T + i], device=device), pad)
+        logits = step(model, token[:, None], cache.reserve(1, device), pad, cache)
 
 
 def generate(model: MinimalLlama, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cache import KVCache, attention_mask, positions_of
 from .config import LlamaConfig
 
 
@@ -71,52 +72,62 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values of past positions: decoding token t then costs O(t), not O(t^2).
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads: n_heads queries share n_kv_heads keys/values.
 
-    The buffers have a fixed shape, and new entries are written in place at ``input_pos``: no tensor ever changes
-    size, which is what lets ``torch.compile`` build the decode step once.
+    ``forward`` is a composition of named steps, so that a variant overrides only the step it changes (a fused
+    RoPE kernel overrides ``rotate``, a new attention map ``attend``) and never repeats the rest:
+
+        project  x -> q, k, v          (B, T, heads, head_dim)
+        rotate   RoPE on q and k       positions enter here, and only here
+        cache    store k, v; read all  (the cache object, when there is one: it calls ``rotate`` itself)
+        attend   softmax(q kᵀ/√d) v    (B, n_heads, T, head_dim)
+        project_out  heads -> dim      (B, T, dim)
     """
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype=None, device=None):
+    def __init__(self, cfg: LlamaConfig, layer_index: int = 0):
         super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        # k, v: (B, n_kv_heads, T, head_dim) written at slots input_pos (T,)
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
-
-
-class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads: n_heads queries share n_kv_heads keys/values."""
-
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__()
+        self.layer_index = layer_index  # which cache entry is ours; some variants also depend on depth
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
-        """input_pos: the cache slots to write, or None for a plain pass that leaves the cache alone."""
+    def cache_shape(self) -> tuple[int, int]:
+        """(kv heads, channels per head) this module caches per token: a cache sizes itself from it."""
+        return self.n_kv_heads, self.head_dim
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, head_dim), S = cache length
+        return q, k, v
+
+    def rotate(self, q: Tensor, k: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
+        return apply_rope(q, rope), apply_rope(k, rope)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q (B, n_heads, T, head_dim) over k, v (B, n_kv_heads, S, head_dim) -> (B, n_heads, T, head_dim)."""
         # GQA/MQA: query heads h*n_rep .. (h+1)*n_rep-1 all read kv head h (enable_gqa does it without copying k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, n_heads, T, head_dim)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+
+    def project_out(self, y: Tensor) -> Tensor:
+        return self.wo(y.transpose(1, 2).flatten(2))  # (B, n_heads, T, head_dim) -> (B, T, dim)
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
+                slots: Tensor | None = None) -> Tensor:
+        """x (B, T, dim). Without a cache, attend within x; with one, store the new keys/values at ``slots`` and
+        attend to every slot the mask allows."""
+        q, k, v = self.project(x)
+        if cache is None:
+            q, k = self.rotate(q, k, rope)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        else:
+            q, k, v = cache.update(self, q, k, v, rope, slots)  # k, v: (B, n_kv_heads, S, head_dim), S slots
+        return self.project_out(self.attend(q, k, v, mask))
 
 
 class FeedForward(nn.Module):
@@ -133,100 +144,89 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm residual block: each sub-layer reads a normalized copy of the stream and adds its result back."""
+    """Pre-norm residual block: each sub-layer reads a normalized copy of the stream and adds its result back.
 
-    def __init__(self, cfg: LlamaConfig):
+    The sub-layers are built from classes (``attention_class``, ``feed_forward_class``: class attributes, or
+    arguments), so a variant names its class instead of building a module and overwriting it."""
+
+    attention_class = Attention
+    feed_forward_class = FeedForward
+
+    def __init__(self, cfg: LlamaConfig, layer_index: int = 0, attention_class: type | None = None,
+                 feed_forward_class: type | None = None):
         super().__init__()
+        self.layer_index = layer_index
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = (attention_class or self.attention_class)(cfg, layer_index)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = (feed_forward_class or self.feed_forward_class)(cfg)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
+                slots: Tensor | None = None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, mask, cache, slots)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class MinimalLlama(nn.Module):
     """The Llama decoder. ``model(tokens)`` -> logits (B, T, vocab).
 
-    For generation, ``setup_cache(batch, max_len)`` first; then ``model(tokens, input_pos)`` writes the keys and
-    values of ``tokens`` at cache slots ``input_pos`` and attends to every filled slot. ``pad`` (B,) counts the left
-    padding of each row in a batch of prompts of different lengths: those slots are masked and the row's positions
-    start at 0 after them, so each row computes exactly what it would alone.
+    For generation, make a cache (``StaticKVCache(model, batch, max_len)``) and pass it: ``model(tokens,
+    input_pos, cache=cache)`` writes the keys and values of ``tokens`` at positions ``input_pos`` and attends to
+    every filled slot. ``pad`` (B,) counts the left padding of each row in a batch of prompts of different lengths:
+    those slots are masked and the row's positions start at 0 after them, so each row computes exactly what it
+    would alone.
 
-    Made to be subclassed: override ``Attention``/``FeedForward`` via ``block_class``, or any method below.
+    Made to be subclassed: name your own ``attention_class`` / ``feed_forward_class`` (or ``block_class``), or
+    override any method below.
     """
 
     block_class = TransformerBlock
+    attention_class: type | None = None  # None: the block's own (core's Attention)
+    feed_forward_class: type | None = None
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(self.block_class(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(self.block_class(cfg, i, self.attention_class, self.feed_forward_class)
+                                    for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("rope", rope_cache(rope_frequencies(cfg), cfg.max_seq_len), persistent=False)
-        self.cache_len = 0  # 0: no KV cache
-
-    def setup_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> None:
-        """Allocate a KV cache for ``batch_size`` sequences of up to ``max_len`` tokens (default: the context)."""
-        max_len = max_len or self.config.max_seq_len
-        if max_len > self.config.max_seq_len:
-            raise ValueError(f"cache of {max_len} tokens exceeds the model's context of {self.config.max_seq_len}")
-        ref = self.norm.weight  # a plain parameter even when other modules are quantized or wrapped
-        dtype = dtype or ref.dtype
-        for layer in self.layers:  # the layer's own head count: a tensor-parallel rank holds only some heads
-            layer.attention.kv_cache = KVCache(batch_size, layer.attention.n_kv_heads, max_len, self.config.head_dim,
-                                               dtype=dtype, device=ref.device)
-        self.cache_len = max_len
-
-    def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-        self.cache_len = 0
-
-    def attention_mask(self, slots_q: Tensor, n_slots: int, pad: Tensor | None) -> Tensor | None:
-        """Boolean mask (True = may attend), (1 or B, 1, T, S) for queries in ``slots_q`` (T,) over ``n_slots``
-        key slots; None means plain causal attention (the fast path of scaled_dot_product_attention)."""
-        if pad is None and n_slots == slots_q.numel():
-            return None
-        slots = torch.arange(n_slots, device=slots_q.device)  # (S,)
-        mask = slots[None, :] <= slots_q[:, None]  # (T, S): causal over slots
-        if pad is not None:  # (B, T, S): hide each row's padding; a padding query still sees itself (no NaN)
-            mask = (mask & (slots >= pad[:, None, None])) | (slots == slots_q[:, None])
-        return mask.view(-1, 1, *mask.shape[-2:])
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, pad: Tensor | None = None,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, cache: KVCache | None = None) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only`` (prefill needs no more).
 
-        The KV cache is used only when ``input_pos`` is given: ``model(tokens)`` is always a plain causal pass.
-        """
-        h = self.hidden_states(tokens, input_pos, pad)  # (B, T, dim)
+        ``input_pos`` (T,): the tokens' positions (default 0 .. T-1). Without ``cache`` this is a plain causal
+        pass over ``tokens``; with one, their keys/values are stored and every earlier one is attended to."""
+        h = self.hidden_states(tokens, input_pos, pad, cache=cache)  # (B, T, dim)
         return self.output(h[:, -1:] if last_only else h)  # (B, T, vocab)
 
     def hidden_states(self, tokens: Tensor, input_pos: Tensor | None = None, pad: Tensor | None = None,
-                      embeddings: Tensor | None = None) -> Tensor:
+                      embeddings: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """Everything but the head: the final normalized hidden states (B, T, dim). A loss that never builds the
         full (B, T, vocab) logits (a fused linear cross-entropy) starts from here. ``embeddings`` (B, T, dim), when
         given, replace the looked-up token embeddings (a model that embeds more than token ids, e.g. numbers)."""
         B, T = tokens.shape
-        use_cache = input_pos is not None and self.cache_len > 0
         if input_pos is None:
+            if cache is not None:
+                raise ValueError("a forward with a cache needs input_pos, the new tokens' positions: "
+                                 "take them from cache.reserve(n_tokens)")
             input_pos = torch.arange(T, device=tokens.device)
-        if not use_cache and T > self.config.max_seq_len:
-            raise ValueError(f"{T} tokens exceed the model's context of {self.config.max_seq_len}")
-        positions = input_pos if pad is None else (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (T,) | (B, T)
-        rope = self.rope[positions]
-        slots_q, n_slots = (input_pos, self.cache_len) if use_cache else (torch.arange(T, device=tokens.device), T)
-        mask = self.attention_mask(slots_q, n_slots, pad)
+        if cache is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"{T} tokens exceed the model's context of {self.config.max_seq_len}")
+            positions, slots = positions_of(input_pos, pad), None
+            mask = attention_mask(torch.arange(T, device=tokens.device), T, pad)
+        else:
+            positions, slots, mask = cache.plan(input_pos, pad)  # where the new keys go, what each query sees
+        rope = self.rope[positions]  # (T or B, T, head_dim/2, 2)
         h = self.tok_embeddings(tokens) if embeddings is None else embeddings  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, rope, mask, input_pos if use_cache else None)
+            h = layer(h, rope, mask, cache, slots)
         return self.norm(h)
 
     @torch.no_grad()

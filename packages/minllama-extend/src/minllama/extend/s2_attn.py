@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minllama.core.model import Attention, MinimalLlama, apply_rope
+from minllama.core.model import Attention, MinimalLlama
 
 
 def s2_attention_mask(seq_len: int, group_size: int, n_heads: int, device=None) -> Tensor:
@@ -64,19 +64,13 @@ class ShiftedSparseAttention(Attention):
 
     group_size: int = 0
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
-        B, T, _ = x.shape
-        if not self.training or input_pos is not None or mask is not None or T <= self.group_size:
-            return super().forward(x, rope, mask, input_pos)
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        n_rep = self.n_heads // self.n_kv_heads  # each query head gets its own copy of its kv head
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        T = q.shape[2]  # q (B, n_heads, T, head_dim), k, v (B, n_kv_heads, S, head_dim)
+        if not self.training or mask is not None or k.shape[2] != T or T <= self.group_size:
+            return super().attend(q, k, v, mask)  # eval, the KV cache, padding masks, short inputs
+        n_rep = q.shape[1] // k.shape[1]  # each query head gets its own copy of its kv head
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        y = shifted_sparse_attention(q, k, v, self.group_size)  # (B, n_heads, T, head_dim)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return shifted_sparse_attention(q, k, v, self.group_size)  # (B, n_heads, T, head_dim)
 
 
 def enable_s2_attn(model: MinimalLlama, group_size: int) -> MinimalLlama:

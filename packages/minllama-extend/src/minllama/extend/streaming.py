@@ -12,23 +12,25 @@ Positions are assigned *within the cache* (slot i is position i), never the toke
 stay inside the trained range. Keys are therefore stored **unrotated** and rotated at read time by their current
 slot: when the window rolls, every key moves one slot left and its rotation follows without rewriting anything.
 
-``SinkKVCache`` holds the slots, ``streaming_forward`` runs the model on new tokens through it (reusing the
-model's own embedding, norms, projections and feed-forwards), ``streaming_generate`` decodes, and
-``StreamingChat`` keeps one cache across the turns of a conversation (what ``apps/chat.py --streaming`` uses).
+``SinkKVCache`` is just another cache for core's model (``minllama.core.cache``): it keeps the eviction rule
+(``reserve`` makes room) and the read-time rotation (``update``); everything else -- the forward pass, the decode
+loop of ``minllama.core.generate``, any attention variant swapped into the model (Triton kernels, differential
+attention) -- is core's. ``StreamingChat`` keeps one cache across the turns of a conversation (what
+``apps/chat.py --streaming`` uses).
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from minllama.core.generate import sample
+from minllama.core.cache import KVCache, attention_mask
+from minllama.core.generate import generate_stream
 from minllama.core.model import MinimalLlama, apply_rope
 
 
-class SinkKVCache:
+class SinkKVCache(KVCache):
     """``n_sink + window`` key/value slots per layer, preallocated once: memory never grows.
 
     k[layer], v[layer]: (B, n_kv_heads, n_sink + window, head_dim); keys are stored before rotation.
@@ -43,14 +45,22 @@ class SinkKVCache:
         if n_sink + window > cfg.max_seq_len:
             raise ValueError(f"n_sink + window = {n_sink + window} slots exceed the model's context of "
                              f"{cfg.max_seq_len} positions; use a smaller window")
-        ref = model.tok_embeddings.weight
-        shape = (batch_size, cfg.n_kv_heads, n_sink + window, cfg.head_dim)
-        dtype = dtype or ref.dtype
-        self.k = [torch.zeros(shape, dtype=dtype, device=ref.device) for _ in model.layers]
-        self.v = [torch.zeros(shape, dtype=dtype, device=ref.device) for _ in model.layers]
+        ref = model.norm.weight
+        self.model = model  # for its RoPE table, read at every step (rope scaling may replace it)
         self.n_sink, self.window, self.capacity = n_sink, window, n_sink + window
+        self.max_chunk = window  # a longer prompt is fed in chunks (generate_stream does it)
+        self.k, self.v = [], []
+        for i, layer in enumerate(model.layers):  # each attention says what it stores per token
+            assert layer.attention.layer_index == i, "layers must know their index (core's TransformerBlock)"
+            n_kv_heads, head_dim = layer.attention.cache_shape()
+            shape = (batch_size, n_kv_heads, self.capacity, head_dim)
+            self.k.append(torch.zeros(shape, dtype=dtype or ref.dtype, device=ref.device))
+            self.v.append(torch.zeros_like(self.k[-1]))
         self.length = 0
         self.n_evicted = 0
+
+    def room(self, n_new: int) -> int:
+        return n_new  # the window rolls: there is always room
 
     def make_room(self, n: int) -> None:
         """Evict the oldest non-sink entries so that ``n`` more fit: the window part shifts left, sinks stay."""
@@ -65,83 +75,56 @@ class SinkKVCache:
         self.length -= overflow
         self.n_evicted += overflow
 
+    def reserve(self, n: int, device=None) -> Tensor:
+        """Make room for ``n`` new tokens; their positions are their slots, ``length .. length + n - 1``."""
+        self.make_room(n)
+        start, self.length = self.length, self.length + n
+        return torch.arange(start, start + n, device=device)
+
+    def plan(self, input_pos: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        if pad is not None:
+            raise ValueError("a rolling cache holds unpadded rows: stream one prompt at a time")
+        # slot = position; a query sees the filled slots up to its own (the rest are masked)
+        return input_pos, input_pos, attention_mask(input_pos, self.capacity, None)
+
+    def update(self, attn, q: Tensor, k: Tensor, v: Tensor, rope: Tensor,
+               slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Store the new keys unrotated; rotate the queries at their slots and every key at its current slot.
+
+        The rotation is core's ``apply_rope`` (a variant's own ``rotate``, e.g. a fused kernel, computes the same
+        numbers; one that changes what RoPE means would need its own rolling cache)."""
+        i = attn.layer_index
+        self.k[i].index_copy_(2, slots, k.transpose(1, 2).to(self.k[i].dtype))  # (B, n_kv_heads, S, head_dim)
+        self.v[i].index_copy_(2, slots, v.transpose(1, 2).to(self.v[i].dtype))
+        q = apply_rope(q, rope).transpose(1, 2)  # (B, n_heads, c, head_dim)
+        every_slot = self.model.rope[:self.capacity]  # slot i is position i
+        keys = apply_rope(self.k[i].transpose(1, 2), every_slot).transpose(1, 2)
+        return q, keys.to(q.dtype), self.v[i].to(q.dtype)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
-
-
-def _sink_attention(attn, x: Tensor, cache: SinkKVCache, layer: int, rope: Tensor, start: int) -> Tensor:
-    """The model's own attention weights, with the rolling cache: x (B, c, dim) are the new tokens at slots
-    start .. start + c - 1; rope (start + c, head_dim/2, 2) are the positions of every filled slot."""
-    B, c, _ = x.shape
-    end = start + c
-    q = attn.wq(x).view(B, c, attn.n_heads, attn.head_dim)  # (B, c, n_heads, head_dim)
-    k = attn.wk(x).view(B, c, attn.n_kv_heads, attn.head_dim)
-    v = attn.wv(x).view(B, c, attn.n_kv_heads, attn.head_dim)
-    cache.k[layer][:, :, start:end] = k.transpose(1, 2).to(cache.k[layer].dtype)  # stored unrotated
-    cache.v[layer][:, :, start:end] = v.transpose(1, 2).to(cache.v[layer].dtype)
-    q = apply_rope(q, rope[start:end]).transpose(1, 2)  # (B, n_heads, c, head_dim)
-    keys = apply_rope(cache.k[layer][:, :, :end].transpose(1, 2), rope).transpose(1, 2)  # (B, n_kv, end, hd)
-    values = cache.v[layer][:, :, :end]
-    if c == 1:  # one new token sees every filled slot
-        mask, causal = None, False
-    elif start == 0:
-        mask, causal = None, True
-    else:  # new token j (slot start + j) sees slots 0 .. start + j
-        slots = torch.arange(end, device=x.device)
-        mask, causal = slots[None, :] <= (start + torch.arange(c, device=x.device))[:, None], False
-    y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, is_causal=causal,
-                                       enable_gqa=attn.n_kv_heads != attn.n_heads)  # (B, n_heads, c, head_dim)
-    return attn.wo(y.transpose(1, 2).reshape(B, c, -1))
 
 
 @torch.no_grad()
 def streaming_forward(model: MinimalLlama, cache: SinkKVCache, tokens: Tensor) -> Tensor:
     """Run ``tokens`` (B, c) through the model on top of ``cache`` -> logits (B, c, vocab); the cache advances.
-
-    The same computation as ``MinimalLlama.forward`` (embedding, pre-norm blocks, final norm, head), with the
-    attention reading the rolling cache and positions given by cache slots."""
-    B, c = tokens.shape
-    cache.make_room(c)
-    start = cache.length
-    rope = model.rope[:start + c]  # positions 0 .. start + c - 1: always inside the trained range
-    h = model.tok_embeddings(tokens)  # (B, c, dim)
-    for i, layer in enumerate(model.layers):
-        h = h + _sink_attention(layer.attention, layer.attention_norm(h), cache, i, rope, start)
-        h = h + layer.feed_forward(layer.ffn_norm(h))
-    cache.length = start + c
-    return model.output(model.norm(h))
+    It is the model's own forward: only the cache differs."""
+    return model(tokens, cache.reserve(tokens.shape[1], tokens.device), cache=cache)
 
 
-def prefill(model: MinimalLlama, cache: SinkKVCache, tokens: Sequence[int], chunk: int | None = None) -> Tensor:
-    """Feed a prompt of any length in chunks that fit the window; returns the logits of its last token (B, vocab)."""
-    if len(tokens) == 0:
-        raise ValueError("the prompt is empty: give at least one token")
-    device = model.tok_embeddings.weight.device
-    chunk = min(chunk or cache.window, cache.window)
-    ids = torch.tensor([list(tokens)], device=device)
-    for i in range(0, ids.shape[1], chunk):
-        logits = streaming_forward(model, cache, ids[:, i:i + chunk])
-    return logits[:, -1]
-
-
-@torch.no_grad()
 def streaming_generate(model: MinimalLlama, prompt: Sequence[int], max_new_tokens: int, *, n_sink: int = 4,
                        window: int = 1020, cache: SinkKVCache | None = None, temperature: float = 0.0,
                        top_k: int | None = None, top_p: float | None = None, stop_ids: Iterable[int] = (),
-                       generator: torch.Generator | None = None) -> Iterator[int]:
+                       generator: torch.Generator | None = None, compile: bool = False) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` token ids after ``prompt``, with memory fixed at ``n_sink + window`` slots
     however long prompt and answer are. Stops after a token in ``stop_ids`` (which is yielded).
-    Pass ``cache`` to continue a conversation on an existing cache (``prompt`` = only the new tokens)."""
+    Pass ``cache`` to continue a conversation on an existing cache (``prompt`` = only the new tokens).
+    Core's ``generate_stream`` with a rolling cache."""
     cache = cache or SinkKVCache(model, n_sink, window)
-    stop = set(stop_ids)
-    logits = prefill(model, cache, prompt)
-    device = logits.device
-    for i in range(max_new_tokens):
-        token = int(sample(logits, temperature, top_k, top_p, generator)[0])
-        yield token
-        if token in stop or i == max_new_tokens - 1:
-            return
-        logits = streaming_forward(model, cache, torch.tensor([[token]], device=device))[:, -1]
+    for token in generate_stream(model, [prompt], max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, stop_ids=stop_ids, generator=generator, compile=compile,
+                                 cache=cache):
+        yield int(token[0])
 
 
 class StreamingChat:
@@ -174,27 +157,30 @@ class StreamingChat:
         self.history = prompt
         return new
 
-    @torch.no_grad()
     def stream_text(self, tokenizer, prompt: Sequence[int], max_new_tokens: int, *, on_token=None,
-                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                    generator: torch.Generator | None = None) -> Iterator[str]:
+                    **sampling) -> Iterator[str]:
         """Like ``minllama.core.generate.stream_text``: yield the answer as text pieces, stop at the tokenizer's
-        stop ids (not printed). The memory stays at ``n_sink + window`` slots however long the chat goes on."""
+        stop ids (not printed). The memory stays at ``n_sink + window`` slots however long the chat goes on.
+        ``sampling``: temperature, top_k, top_p, generator, compile (as for ``generate_stream``)."""
         from minllama.core.tokenizer import StreamDecoder
 
         decoder, stop = StreamDecoder(tokenizer), set(tokenizer.stop_ids)
-        logits = prefill(self.model, self.cache, self._new_tokens(prompt))
-        for i in range(max_new_tokens):
-            t = int(sample(logits, temperature, top_k, top_p, generator)[0])
-            if on_token is not None:
-                on_token(t)
-            if t in stop:
-                break
-            yield decoder.push(t)
-            if i < max_new_tokens - 1:  # feed it: the history is exactly what the cache has seen
-                logits = streaming_forward(self.model, self.cache, torch.tensor([[t]], device=logits.device))[:, -1]
-                self.history.append(t)
-        yield decoder.flush()
+        new = self._new_tokens(prompt)
+        answer, stopped = [], False
+        try:
+            for token in generate_stream(self.model, [new], max_new_tokens, stop_ids=stop, cache=self.cache,
+                                         **sampling):
+                t = int(token[0])
+                if on_token is not None:
+                    on_token(t)
+                if t in stop:
+                    stopped = True
+                    break
+                answer.append(t)
+                yield decoder.push(t)
+            yield decoder.flush()
+        finally:  # the history is what the cache has seen: every token before the last one generated
+            self.history += answer if stopped else answer[:-1]
 
     def reset(self) -> None:
         self.cache = SinkKVCache(self.model, self.cache.n_sink, self.cache.window)

@@ -29,24 +29,16 @@ class KernelRMSNorm(RMSNorm):
 
 
 class KernelAttention(Attention):
-    """Core's attention with q and k rotated by one fused RoPE launch, and the decode kernel for single-token
-    steps over the KV cache."""
+    """Core's attention with two steps replaced: q and k rotated by one fused RoPE launch, and the decode kernel
+    for a single new token over the KV cache. Projections, the cache and the output are core's."""
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = rope_qk(q, k, rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
-        if input_pos is not None and T == 1:  # one new token over the cache: the decode kernel
-            y = decode_attention(q, k, v, mask)
-        else:
-            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                                 enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+    def rotate(self, q: Tensor, k: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
+        return rope_qk(q, k, rope)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        if q.shape[2] == 1 and k.shape[2] > 1:  # one new token over the cache: the decode kernel
+            return decode_attention(q, k, v, mask)
+        return super().attend(q, k, v, mask)
 
 
 class KernelFeedForward(FeedForward):
@@ -59,8 +51,9 @@ class KernelFeedForward(FeedForward):
 class KernelTransformerBlock(TransformerBlock):
     """The block with the second residual add fused into ffn_norm: one kernel computes x + attn and its norm."""
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
-        attn = self.attention(self.attention_norm(x), rope, mask, input_pos)
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None = None, cache=None,
+                slots: Tensor | None = None) -> Tensor:
+        attn = self.attention(self.attention_norm(x), rope, mask, cache, slots)
         normed, x = self.ffn_norm(attn, residual=x)  # x <- x + attn, normed = ffn_norm(x + attn)
         return x + self.feed_forward(normed)
 
