@@ -12,11 +12,10 @@ APPS = Path(__file__).parents[1]
 sys.path.insert(0, str(APPS))
 
 import modified_attention as ma  # noqa: E402
-from minllama.core.cache import StaticKVCache
-from minllama.core.model import apply_rope
+from minllama.core.cache import StaticKVCache  # noqa: E402
 from minllama.core.config import LlamaConfig  # noqa: E402
 from minllama.core.generate import generate  # noqa: E402
-from minllama.core.model import MinimalLlama  # noqa: E402
+from minllama.core.model import MinimalLlama, apply_rope  # noqa: E402
 
 
 def diff_model(name="tiny-gqa", seed=0, **overrides) -> ma.DiffLlama:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 APPS = Path(__file__).parents[1]
 sys.path.insert(0, str(APPS))
 
-from minllama.core.cache import StaticKVCache
 import numeric_llama as nl  # noqa: E402
+from minllama.core.cache import StaticKVCache  # noqa: E402
 from minllama.core.config import LlamaConfig  # noqa: E402
 from minllama.core.generate import generate  # noqa: E402
 from minllama.core.model import MinimalLlama  # noqa: E402
