@@ -85,7 +85,6 @@ class DifferentialAttention(Attention):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """q (B, 2h, T, d), k, v (B, 2h_kv, S, d): standard heads, rotated (and cached) as usual -> (B, h, T, 2d),
         which core's ``project_out`` flattens to the same h · 2d = n_heads · d channels ``wo`` always reads."""
-        d = q.shape[-1]
         # Differential head j pairs standard heads 2j (Q1, K1) and 2j+1 (Q2, K2); its values are both side by side.
         q1, q2, k1, k2 = q[:, 0::2], q[:, 1::2], k[:, 0::2], k[:, 1::2]  # (B, h, T, d), (B, h_kv, S, d)
         v = torch.cat([v[:, 0::2], v[:, 1::2]], dim=-1)  # (B, h_kv, S, 2d)

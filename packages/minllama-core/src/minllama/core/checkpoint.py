@@ -26,11 +26,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .build import gguf_tensors, meta_model
 from .config import LlamaConfig
-from .formats import (GGUF_IGNORED, HF_IGNORED, META_IGNORED, CheckpointError, config_from_gguf, config_from_hf,
-                      config_from_meta, config_to_hf, config_to_meta, gguf_to_ours, hf_to_meta_rows, hf_to_ours,
-                      meta_to_hf_rows, ours_to_gguf, ours_to_hf)
-from .model import MinimalLlama, rope_cache, rope_frequencies
+from .formats import (HF_IGNORED, META_IGNORED, CheckpointError, config_from_gguf, config_from_hf, config_from_meta,
+                      config_to_hf, config_to_meta, hf_to_meta_rows, hf_to_ours, meta_to_hf_rows, ours_to_gguf,
+                      ours_to_hf)
+from .model import MinimalLlama
 from .saving import atomic_write, inside, recover, recover_legacy, save_into
 
 __all__ = ["CheckpointError", "load_pretrained", "save_hf", "save_meta", "default_model_path", "KNOWN_MODELS",
@@ -122,8 +123,7 @@ def _assemble(cfg: LlamaConfig, entries: Entries, unexpected: list[str], where: 
               src_name: Callable[[str], str] = str) -> MinimalLlama:
     """Check the tensor list against the config, then read the tensors into a model built on the meta device.
     ``fix`` converts a tensor to our layout; ``src_name`` gives our names in the file's naming (for messages)."""
-    with torch.device("meta"):
-        model = MinimalLlama(cfg)
+    model = meta_model(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     head_copy = None
     if cfg.tie_embeddings:
@@ -156,7 +156,7 @@ def _assemble(cfg: LlamaConfig, entries: Entries, unexpected: list[str], where: 
     model.load_state_dict(state, assign=True)
     if cfg.tie_embeddings:  # assign=True replaced the shared Parameter: share it again
         model.output.weight = model.tok_embeddings.weight
-    model.rope = rope_cache(rope_frequencies(cfg), cfg.max_seq_len).to(device)  # not in checkpoints: recompute
+    model.reset_rope(device)  # not in checkpoints: recompute
     return model.eval()
 
 
@@ -368,16 +368,9 @@ def _load_gguf(path: Path, dtype, device, with_tokenizer: bool):
     except Exception as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}): re-download it") from None
     cfg = _config(config_from_gguf, path, reader)
-    entries: Entries = {}
-    unexpected = []
-    for t in reader.tensors:
-        ours = gguf_to_ours(t.name)
-        if ours is None:
-            if t.name not in GGUF_IGNORED:
-                unexpected.append(t.name)
-            continue
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
-        entries[ours] = (t.name, shape, lambda t=t, shape=shape: _dequantize(t, shape))
+    found, unexpected = gguf_tensors(reader)
+    entries: Entries = {ours: (t.name, shape, lambda t=t, shape=shape: _dequantize(t, shape))
+                        for ours, (t, shape) in found.items()}
     # No fix: GGUF q/k rows are in Meta's interleaved layout already (llama.cpp permuted HF's back).
     model = _assemble(cfg, entries, unexpected, str(path), dtype, device, src_name=ours_to_gguf)
     tokenizer = None

@@ -240,7 +240,13 @@ class MinimalLlama(nn.Module):
         for layer in self.layers:  # scale the residual-branch outputs down with depth (GPT-2's trick)
             for w in (layer.attention.wo.weight, layer.feed_forward.w2.weight):
                 nn.init.normal_(w, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
-        self.rope = rope_cache(rope_frequencies(self.config), self.config.max_seq_len).to(self.rope.device)
+        self.reset_rope()
+
+    def reset_rope(self, device=None) -> None:
+        """Recompute the RoPE table from the config, on ``device`` (default: where the weights are). It is in no
+        checkpoint (a non-persistent buffer): a model built on the meta device needs it after its weights arrive."""
+        device = device or (self.rope.device if not self.rope.is_meta else self.norm.weight.device)
+        self.rope = rope_cache(rope_frequencies(self.config), self.config.max_seq_len).to(device)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once

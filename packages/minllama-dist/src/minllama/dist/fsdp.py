@@ -21,6 +21,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from minllama.core import LlamaConfig, MinimalLlama
+from minllama.core.build import materialize, meta_model  # noqa: F401  (part of this package's API)
 
 
 def apply_activation_checkpointing(block: nn.Module) -> None:
@@ -83,31 +84,6 @@ def set_prefetch(blocks: list[nn.Module], depth: int = 1) -> None:
             block.set_modules_to_backward_prefetch(preceding)
 
 
-def meta_model(cfg: LlamaConfig) -> MinimalLlama:
-    """Build the model on the ``meta`` device: shapes only, no memory, no random numbers (instant for 70B)."""
-    with torch.device("meta"):
-        return MinimalLlama(cfg)
-
-
-def materialize(model: MinimalLlama, device: torch.device, init: bool = True) -> MinimalLlama:
-    """Allocate a (sharded) meta model's storage on ``device``; ``init`` fills it with ``init_weights``.
-
-    After ``apply_fsdp`` each rank allocates only its shards. ``init_weights`` also rebuilds the rope buffer
-    (``to_empty`` leaves it uninitialized). Without ``init`` (weights about to be loaded) the rope is rebuilt here.
-    """
-    model.to_empty(device=device)
-    if init:
-        with warnings.catch_warnings():  # each rank draws its own shards from its own generator: fine for an init
-            warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
-            model.init_weights()
-    else:
-        rebuild_rope(model)
-    return model
-
-
 def rebuild_rope(model: MinimalLlama) -> None:
     """The rope table is a non-persistent buffer (never in checkpoints): recompute it after ``to_empty``."""
-    from minllama.core.model import rope_cache, rope_frequencies
-
-    cfg = model.config
-    model.rope = rope_cache(rope_frequencies(cfg), cfg.max_seq_len).to(model.rope.device)
+    model.reset_rope()

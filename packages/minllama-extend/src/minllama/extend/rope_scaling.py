@@ -189,7 +189,7 @@ def unscale_rope(model: MinimalLlama, max_seq_len: int | None = None) -> Minimal
     model.config = dataclasses.replace(model.config, rope_scaling=None,
                                        max_seq_len=max_seq_len or spec.original_max_seq_len)
     model.rope_scaling_method = None
-    model.rope = rope_cache(rope_frequencies(model.config), model.config.max_seq_len).to(model.rope.device)
+    model.reset_rope()
     return model
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from minllama.core.checkpoint import default_model_path
-from minllama.core.formats import GGUF_IGNORED, CheckpointError, config_from_gguf, gguf_to_ours
-from minllama.core.model import MinimalLlama, rope_cache, rope_frequencies
+from minllama.core.build import gguf_tensors, meta_model
+from minllama.core.formats import CheckpointError, config_from_gguf
 
 from . import gguf_blocks
 from .linear import GGUFLinear, QuantEmbedding
@@ -32,17 +32,13 @@ def load_gguf_quantized(path: str | os.PathLike | None = None, device="cpu", wit
     except Exception as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}): re-download it") from None
     cfg = config_from_gguf(reader)
-    with torch.device("meta"):
-        model = MinimalLlama(cfg)
+    model = meta_model(cfg)
     floats, blocks = {}, {}
-    for t in reader.tensors:
-        ours = gguf_to_ours(t.name)
-        if ours is None:
-            if t.name not in GGUF_IGNORED:
-                raise CheckpointError(f"{path}: unexpected tensor {t.name}: not a llama GGUF file")
-            continue
+    found, unexpected = gguf_tensors(reader)
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]}: not a llama GGUF file")
+    for ours, (t, shape) in found.items():
         if t.tensor_type.name in _FLOAT_TYPES:
-            shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
             floats[ours] = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape))
         elif gguf_blocks.qtype_of(t.tensor_type):
             blocks[ours] = (gguf_blocks.qtype_of(t.tensor_type), torch.from_numpy(np.array(t.data)))  # (N, bytes)
@@ -75,7 +71,7 @@ def load_gguf_quantized(path: str | os.PathLike | None = None, device="cpu", wit
                   if t.is_meta and n != "rope"]
     if still_meta or unexpected:
         raise CheckpointError(f"{path}: tensors missing for {still_meta[:4]} / unexpected {unexpected[:4]}")
-    model.rope = rope_cache(rope_frequencies(cfg), cfg.max_seq_len).to(device)
+    model.reset_rope(device)
     types = sorted({m.options["qtype"] for m in model.modules() if isinstance(m, GGUFLinear)})
     model.quant_config = {"scheme": "gguf", "qtypes": types}
     tokenizer = None

@@ -24,7 +24,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from minllama.core.config import LlamaConfig
-from minllama.core.model import MinimalLlama, rope_cache, rope_frequencies
+from minllama.core.build import meta_model
+from minllama.core.model import MinimalLlama
 
 from .linear import LINEAR_CLASSES, FP8Linear, GGUFLinear, Int4Linear, Int8Linear, NF4Linear, QuantEmbedding, \
     QuantLinear
@@ -166,8 +167,7 @@ def load_quantized(directory: str | os.PathLike, scheme: str | None = None, devi
             raise QuantizationError(f"{path} was quantized with {key}={known[key]!r}, not {key}={value!r}: load it "
                                     f"with {key}={known[key]!r} or re-quantize the float model with {key}={value!r}")
     cfg = LlamaConfig(**meta["config"])
-    with torch.device("meta"):
-        model = MinimalLlama(cfg)
+    model = meta_model(cfg)
     specs = meta["modules"]
 
     def make(name, lin):
@@ -185,6 +185,6 @@ def load_quantized(directory: str | os.PathLike, scheme: str | None = None, devi
                                 f"unexpected {unexpected[:3]}): the files are from different saves")
     for m in quantized_modules(model).values():  # the non-persistent dtype probes are still on meta
         m._dtype_probe = torch.empty(0, device=device)
-    model.rope = rope_cache(rope_frequencies(cfg), cfg.max_seq_len).to(device)
+    model.reset_rope(device)
     model.quant_config = saved
     return model.eval()
