@@ -180,7 +180,7 @@ class StreamingChat:
                     generator: torch.Generator | None = None) -> Iterator[str]:
         """Like ``minllama.core.generate.stream_text``: yield the answer as text pieces, stop at the tokenizer's
         stop ids (not printed). The memory stays at ``n_sink + window`` slots however long the chat goes on."""
-        from minllama.core.tokenizer import StreamDecoder
+        from minllama.core.tokenizer_base import StreamDecoder
 
         decoder, stop = StreamDecoder(tokenizer), set(tokenizer.stop_ids)
         logits = prefill(self.model, self.cache, self._new_tokens(prompt))
