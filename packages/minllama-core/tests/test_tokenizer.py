@@ -414,3 +414,46 @@ def test_unsupported_gguf_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="unknown GGUF pre-tokenizer 'qwen2'"):
         tokenizer_from_gguf(write_gguf(tmp_path / "q.gguf", ("add_tokenizer_model", "gpt2"),
                                        ("add_tokenizer_pre", "qwen2"), ("add_token_list", ["a"])))
+
+
+# ------------------------------------------------------------------------------------ module layout, protobuf writer
+
+
+def test_tokenizer_module_keeps_every_name():
+    """The code lives in bpe.py, bpe_files.py, sentencepiece_*.py and tokenizer_base.py; everything that
+    ``minllama.core.tokenizer`` offered before that split is still importable from it, as the same object."""
+    import minllama.core.tokenizer as tokenizer
+    from minllama.core import bpe, bpe_files, sentencepiece_tokenizer, tokenizer_base
+
+    names = ["GPT2_PATTERN", "LLAMA3_PATTERN", "GGUF_PRE_TOKENIZERS", "LLAMA3_SPECIAL_TOKENS", "STOP_TOKENS",
+             "GGUF_CONTROL", "GGUF_USER_DEFINED", "B2U", "U2B", "Tokenizer", "SentencePieceTokenizer",
+             "TiktokenBPETokenizer", "ByteLevelBPETokenizer", "StreamDecoder", "load_tokenizer", "tokenizer_from_gguf",
+             "gguf_value"]
+    assert [n for n in names if not hasattr(tokenizer, n)] == []
+    assert (tokenizer.ByteLevelBPETokenizer, tokenizer.StreamDecoder, tokenizer.SentencePieceTokenizer) == (
+        bpe_files.ByteLevelBPETokenizer, tokenizer_base.StreamDecoder, sentencepiece_tokenizer.SentencePieceTokenizer)
+    assert issubclass(tokenizer.TiktokenBPETokenizer, bpe.BytePairEncoder)
+
+
+def test_protobuf_wire_format_examples():
+    """The examples of the protobuf encoding guide (protobuf.dev/programming-guides/encoding), written by hand."""
+    from minllama.core.sentencepiece_proto import protobuf_message
+
+    assert protobuf_message((1, 150)) == bytes.fromhex("089601")  # varint 150: 0x96 0x01
+    assert protobuf_message((2, "testing")) == bytes.fromhex("120774657374696e67")  # length-delimited string
+    assert protobuf_message((3, protobuf_message((1, 150)))) == bytes.fromhex("1a03089601")  # nested message
+    assert protobuf_message((1, -1)) == bytes.fromhex("08ffffffffffffffffff01")  # negative int: 10 bytes
+    assert protobuf_message((2, 1.0), (1, True)) == bytes.fromhex("150000803f" "0801")  # float32 LE, bool
+
+
+def test_appended_pieces_are_read_by_sentencepiece(sp_file, sp_oracle):
+    """``model_proto_piece`` entries appended to a serialized model are new pieces for the sentencepiece
+    library, with their score (float32) and type (1 = NORMAL, 3 = CONTROL), after every old id."""
+    from minllama.core.sentencepiece_proto import model_proto_piece
+
+    n = sp_oracle.get_piece_size()
+    proto = sp_file.read_bytes() + model_proto_piece("▁zqxj", -3.25) + model_proto_piece("<ctl>", 0.0, kind=3)
+    back = spm.SentencePieceProcessor(model_proto=proto)
+    assert back.get_piece_size() == n + 2 and [back.id_to_piece(i) for i in (n, n + 1)] == ["▁zqxj", "<ctl>"]
+    assert (back.get_score(n), back.is_control(n), back.is_control(n + 1)) == (-3.25, False, True)
+    assert [back.id_to_piece(i) for i in range(n)] == [sp_oracle.id_to_piece(i) for i in range(n)]
