@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from .tokenizer import Tokenizer
+from .tokenizer_base import Tokenizer
 
 Segment = int | str
 SMOLLM_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

@@ -205,7 +205,7 @@ def stream_text(model: MinimalLlama, tokenizer, prompt: Sequence[int], max_new_t
     """Yield the answer to one prompt as text pieces, as soon as they are valid UTF-8 and cannot be the start of a
     stop string. Stops at the tokenizer's stop ids (end of turn) and at ``stop_strings`` (not printed).
     ``on_token(id)`` is called for every generated token (e.g. to count tokens/s)."""
-    from .tokenizer import StreamDecoder
+    from .tokenizer_base import StreamDecoder
 
     decoder, pending = StreamDecoder(tokenizer), ""
     stop_ids = set(kwargs.pop("stop_ids", ())) | set(tokenizer.stop_ids)

@@ -162,7 +162,7 @@ class StreamingChat:
         """Like ``minllama.core.generate.stream_text``: yield the answer as text pieces, stop at the tokenizer's
         stop ids (not printed). The memory stays at ``n_sink + window`` slots however long the chat goes on.
         ``sampling``: temperature, top_k, top_p, generator, compile (as for ``generate_stream``)."""
-        from minllama.core.tokenizer import StreamDecoder
+        from minllama.core.tokenizer_base import StreamDecoder
 
         decoder, stop = StreamDecoder(tokenizer), set(tokenizer.stop_ids)
         new = self._new_tokens(prompt)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import struct
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from minllama.core.model import MinimalLlama
+from minllama.core.sentencepiece_proto import model_proto_piece
 from minllama.core.tokenizer import ByteLevelBPETokenizer, SentencePieceTokenizer
 
 
@@ -42,30 +42,14 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
     return out.getvalue()
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _piece_field(piece: str, score: float, kind: int = 1) -> bytes:
-    """One ``ModelProto.pieces`` entry in protobuf wire format: field 1 of ModelProto, holding a SentencePiece
-    message {1: piece (string), 2: score (float32), 3: type (enum; 1 = NORMAL)}."""
-    text = piece.encode()
-    body = b"\x0a" + _varint(len(text)) + text + b"\x15" + struct.pack("<f", score) + b"\x18" + _varint(kind)
-    return b"\x0a" + _varint(len(body)) + body
-
-
 def merge_sentencepiece(base_proto: bytes, extra_proto: bytes) -> tuple[bytes, list[str]]:
     """Append the NORMAL pieces of ``extra_proto`` that ``base_proto`` lacks, with their own scores.
 
     Returns (merged serialized model, the added pieces in id order). Protobuf concatenates repeated fields that
-    appear later in a message, so appending serialized ``pieces`` entries *is* appending to the list: no
-    protobuf library is needed (``sentencepiece_model_pb2`` needs the ``protobuf`` package, which this project
-    does not install). Old pieces keep their ids and scores; new ones come after the last old id.
+    appear later in a message, so appending serialized ``pieces`` entries (core's ``model_proto_piece``) *is*
+    appending to the list: no protobuf library is needed (``sentencepiece_model_pb2`` needs the ``protobuf``
+    package, which this project does not install). Old pieces keep their ids and scores; new ones come after
+    the last old id.
     """
     import sentencepiece as spm
 
@@ -78,7 +62,7 @@ def merge_sentencepiece(base_proto: bytes, extra_proto: bytes) -> tuple[bytes, l
             continue
         added.append((piece, extra.get_score(i)))
         known.add(piece)
-    merged = base_proto + b"".join(_piece_field(p, s) for p, s in added)
+    merged = base_proto + b"".join(model_proto_piece(p, s) for p, s in added)
     return merged, [p for p, _ in added]
 
 
