@@ -28,7 +28,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
 
 from .generate import NAN_LOGITS, check_generation_args, sample
 from .paged_cache import PagedKVCache, PoolFull
