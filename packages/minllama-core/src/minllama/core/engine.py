@@ -118,6 +118,11 @@ class Engine:
                 self.waiting.remove(seq)
                 request.finish_reason = "cancelled"
 
+    def blocks_in_use(self) -> int:
+        """Blocks some sequence holds (0 once the engine drains: none leaked). Cached prefix blocks nobody holds
+        count as free: they are given back as soon as the pool needs them."""
+        return sum(1 for r in self.cache.pool.refs if r > 0)
+
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running
