@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 
