@@ -26,16 +26,10 @@ NAN_LOGITS = ("the model produced NaN logits: its weights or activations are not
               "an overflow in float16: try bfloat16 or float32)")
 
 
-def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> Tensor:
-    """Pick the next token of each row from logits (B, vocab) -> (B,).
-
-    temperature 0 is greedy (argmax). Otherwise the distribution softmax(logits / temperature) is truncated to the
-    k most likely tokens (top-k) and/or to the smallest set whose probability reaches p (top-p, "nucleus"), then
-    sampled. Truncation removes the long tail of unlikely tokens that makes sampled text derail.
-    """
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+def distribution(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """The probabilities ``sample`` draws from (temperature > 0): softmax(logits / temperature), truncated to the
+    k most likely tokens (top-k) and/or to the smallest set whose probability reaches p (top-p, "nucleus").
+    Truncation removes the long tail of unlikely tokens that makes sampled text derail. (B, vocab) -> (B, vocab)"""
     logits = logits.float() / temperature
     if top_k and top_k < logits.size(-1):  # None or 0: no top-k truncation
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1): the k-th largest logit
@@ -46,13 +40,28 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, t
         outside = probs.cumsum(dim=-1) - probs > top_p  # tokens after the nucleus is already complete
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(dim=-1)
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from probabilities (B, vocab) -> (B,); NaN (a broken model) is a ValueError."""
     try:  # multinomial checks its input on the host anyway: NaN logits (NaN probabilities) are caught here for free
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
     except RuntimeError as e:
         if "probability tensor contains" not in str(e):
             raise
         raise ValueError(NAN_LOGITS) from None
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Pick the next token of each row from logits (B, vocab) -> (B,).
+
+    temperature 0 is greedy (argmax); otherwise a draw from ``distribution(logits, temperature, top_k, top_p)``.
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    return draw(distribution(logits, temperature, top_k, top_p), generator)
 
 
 def _index(value) -> int | None:
