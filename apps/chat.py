@@ -10,7 +10,6 @@ In the interactive chat, /reset forgets the conversation and /quit (or Ctrl-D) l
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import math
 import sys
@@ -20,7 +19,7 @@ import torch
 
 from minllama.core.chat_format import chat_format_for
 from minllama.core.checkpoint import load_pretrained
-from minllama.core.generate import stream_text
+from minllama.core.session import ChatSession
 from minllama.extend.streaming import StreamingChat
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,18 +119,17 @@ def answer(model, tokenizer, fmt, messages, args, generator) -> str:
     start, pieces = time.perf_counter(), []
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
                     on_token=lambda _: token_times.append(time.perf_counter()))
-    # --streaming: one rolling cache for the whole conversation; otherwise a fresh cache per answer. Both run the
-    # model's own forward (any attention variant swapped into it) through core's decode loop.
-    text = args.session.stream_text if args.session is not None else functools.partial(stream_text, model)
-    for piece in text(tokenizer, prompt, args.max_new_tokens, compile=args.compile, **sampling):
+    # One cache for the whole conversation, so each turn prefills only its new tokens: a static cache that grows,
+    # or with --streaming a rolling one. Both run the model's own forward through core's decode loop.
+    for piece in args.session.stream_text(tokenizer, prompt, args.max_new_tokens, compile=args.compile, **sampling):
         print(piece, end="", flush=True)
         pieces.append(piece)
     n = len(token_times)
     if n:  # the first token comes out of the prefill; the rest are decode steps
         first = 1 if args.compile and n > 2 else 0  # the first compiled decode step may include compiling
         decode = (n - 1 - first) / (token_times[-1] - token_times[first]) if n > 1 else float("nan")
-        print(f"\n[{n} tokens, {decode:.1f} tok/s decode; prompt {len(prompt)} tokens in "
-              f"{token_times[0] - start:.2f} s]", file=sys.stderr)
+        print(f"\n[{n} tokens, {decode:.1f} tok/s decode; prompt {len(prompt)} tokens, {args.session.last_prefill} "
+              f"of them new, prefilled in {token_times[0] - start:.2f} s]", file=sys.stderr)
     return "".join(pieces)
 
 
@@ -163,7 +161,7 @@ def main(argv=None) -> int:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     fmt = chat_format_for(tokenizer)
     args.session = (StreamingChat(model, n_sink=4, window=min(2044, model.config.max_seq_len - 4))
-                    if args.streaming else None)
+                    if args.streaming else ChatSession(model))
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     system = [{"role": "system", "content": args.system}] if args.system else []
 
@@ -194,8 +192,7 @@ def main(argv=None) -> int:
             return 0
         if text == "/reset":
             messages = list(system)
-            if args.session is not None:
-                args.session.reset()
+            args.session.reset()
             print("(conversation cleared)")
             continue
         if not text:

@@ -58,6 +58,10 @@ class KVCache:
     def reserve(self, n: int, device=None) -> Tensor:
         raise NotImplementedError
 
+    def rewind(self, n: int) -> bool:
+        """Forget everything after the first ``n`` tokens (a chat whose history changed); False if impossible."""
+        return False
+
     def plan(self, input_pos: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         raise NotImplementedError
 
@@ -94,6 +98,19 @@ class StaticKVCache(KVCache):
                              "make a larger cache (at most the model's context)")
         start, self.length = self.length, self.length + n
         return torch.arange(start, start + n, device=device)
+
+    def rewind(self, n: int) -> bool:
+        self.length = min(self.length, n)  # slots past it are masked until they are overwritten
+        return True
+
+    def resized(self, max_len: int, model) -> StaticKVCache:
+        """A cache of another length holding the same first ``length`` tokens (a conversation outgrew it)."""
+        other = StaticKVCache(model, self.batch_size, max_len, dtype=self.k[0].dtype)
+        n = min(self.length, max_len)
+        for src, dst in zip((*self.k, *self.v), (*other.k, *other.v)):
+            dst[:, :, :n] = src[:, :, :n]
+        other.length = n
+        return other
 
     def plan(self, input_pos: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         # a pure function of its tensors (no Python state is read): the compiled decode step never recompiles

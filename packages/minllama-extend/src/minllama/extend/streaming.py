@@ -28,6 +28,7 @@ from torch import Tensor
 from minllama.core.cache import KVCache, attention_mask
 from minllama.core.generate import generate_stream
 from minllama.core.model import MinimalLlama, apply_rope
+from minllama.core.session import ChatSession
 
 
 class SinkKVCache(KVCache):
@@ -61,6 +62,12 @@ class SinkKVCache(KVCache):
 
     def room(self, n_new: int) -> int:
         return n_new  # the window rolls: there is always room
+
+    def rewind(self, n: int) -> bool:
+        if self.n_evicted:  # slot i no longer holds token i
+            return False
+        self.length = min(self.length, n)
+        return True
 
     def make_room(self, n: int) -> None:
         """Evict the oldest non-sink entries so that ``n`` more fit: the window part shifts left, sinks stay."""
@@ -127,61 +134,11 @@ def streaming_generate(model: MinimalLlama, prompt: Sequence[int], max_new_token
         yield int(token[0])
 
 
-class StreamingChat:
-    """One rolling cache for a whole conversation: each turn feeds only the tokens the cache has not seen yet.
-
-    ``history`` is every token fed to the cache so far (prompts and answers). A new prompt (the whole dialog, as
-    ``chat_format.encode_dialog`` gives it) is compared with the history and the shared prefix is skipped. If they
-    disagree earlier (an answer re-tokenized differently, or cut by the token budget), a cache that has not evicted
-    anything is cut back to the shared prefix; once tokens have rolled out that is impossible, so the rest of the
-    prompt is fed as is and from then on the history follows the prompt's tokenization.
-    """
+class StreamingChat(ChatSession):
+    """``minllama.core.session.ChatSession`` on a rolling cache: one cache for a whole conversation, of bounded
+    memory, each turn feeding only the tokens the cache has not seen. Once tokens have rolled out, a prompt that
+    disagrees with the history cannot rewind: the rest of it is fed as is, and from then on the history follows the
+    prompt's tokenization."""
 
     def __init__(self, model: MinimalLlama, n_sink: int = 4, window: int = 1020):
-        self.model = model
-        self.cache = SinkKVCache(model, n_sink, window)
-        self.history: list[int] = []
-
-    def _new_tokens(self, prompt: Sequence[int]) -> list[int]:
-        prompt = list(prompt)
-        common = 0
-        for a, b in zip(self.history, prompt):
-            if a != b:
-                break
-            common += 1
-        if common < len(self.history) and self.cache.n_evicted == 0:
-            self.cache.length = common  # nothing rolled out yet: slot i still holds token i
-        new = prompt[common:]
-        if not new:
-            raise ValueError("the prompt adds nothing to the conversation; append a user message first")
-        self.history = prompt
-        return new
-
-    def stream_text(self, tokenizer, prompt: Sequence[int], max_new_tokens: int, *, on_token=None,
-                    **sampling) -> Iterator[str]:
-        """Like ``minllama.core.generate.stream_text``: yield the answer as text pieces, stop at the tokenizer's
-        stop ids (not printed). The memory stays at ``n_sink + window`` slots however long the chat goes on.
-        ``sampling``: temperature, top_k, top_p, generator, compile (as for ``generate_stream``)."""
-        from minllama.core.tokenizer_base import StreamDecoder
-
-        decoder, stop = StreamDecoder(tokenizer), set(tokenizer.stop_ids)
-        new = self._new_tokens(prompt)
-        answer, stopped = [], False
-        try:
-            for token in generate_stream(self.model, [new], max_new_tokens, stop_ids=stop, cache=self.cache,
-                                         **sampling):
-                t = int(token[0])
-                if on_token is not None:
-                    on_token(t)
-                if t in stop:
-                    stopped = True
-                    break
-                answer.append(t)
-                yield decoder.push(t)
-            yield decoder.flush()
-        finally:  # the history is what the cache has seen: every token before the last one generated
-            self.history += answer if stopped else answer[:-1]
-
-    def reset(self) -> None:
-        self.cache = SinkKVCache(self.model, self.cache.n_sink, self.cache.window)
-        self.history = []
+        super().__init__(model, lambda: SinkKVCache(model, n_sink, window))
