@@ -4,7 +4,7 @@
     quantize(model, "int4", group_size=64)          ... Int4Linear; "nf4" (double_quant=True), "fp8",
     quantize(model, "q8_0")                         ... or GGUF blocks: "q8_0", "q4_0", "q4_1"
     quantize(model, "int4", group_size=32, head="int8")     the output head (and tied embedding) at 8 bits
-    save_quantized(model, "out/q")                  quant.json + model.safetensors, atomically
+    save_quantized(model, "out/q")                  quant.json + model.safetensors (core's saving.save_into)
     load_quantized("out/q", scheme="int4", group_size=64)   checks what you expect against what was saved
 
 A tied model (SmolLM2) shares one matrix between the embedding and the output head: the head is quantized and the
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from minllama.core.config import LlamaConfig
 from minllama.core.model import MinimalLlama, rope_cache, rope_frequencies
+from minllama.core.saving import recover, recover_legacy, save_into
 
 from .linear import LINEAR_CLASSES, FP8Linear, GGUFLinear, Int4Linear, Int8Linear, NF4Linear, QuantEmbedding, \
     QuantLinear
@@ -117,31 +118,30 @@ def model_bytes(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- save / load
-def save_quantized(model: MinimalLlama, directory: str | os.PathLike) -> None:
+QUANT_FILE, WEIGHTS_FILE = "quant.json", "model.safetensors"
+# The files of the checkpoint formats core loads: a folder holding some is refused unless overwrite=True (which then
+# deletes them, so that load_pretrained cannot pick a stale config.json or params.json over the quantized model).
+_FOREIGN = re.compile(r"config\.json|model\.safetensors\.index\.json|model-\d+-of-\d+\.safetensors|params\.json"
+                      r"|consolidated\.\d+\.pth")
+
+
+def save_quantized(model: MinimalLlama, directory: str | os.PathLike, overwrite: bool = False) -> None:
     """Write ``quant.json`` (scheme, options, model config, every module's class/options) and ``model.safetensors``
-    into ``directory``, atomically: a temporary sibling is filled, then renamed over it."""
+    into ``directory`` with core's ``saving.save_into``: a kill at any moment leaves the previous checkpoint or the
+    new one (loaders finish an interrupted save), files other than these two are kept, and so are the folder's
+    permissions. A non-empty folder without quant.json, or one holding an HF or Meta checkpoint, is refused (a
+    ``CheckpointError``) unless ``overwrite=True``."""
     config = getattr(model, "quant_config", None)
     if config is None:
         raise QuantizationError("the model is not quantized: call quantize(model, scheme) or load_gguf_quantized")
-    target = Path(directory).absolute()
-    if target.exists() and not (target / "quant.json").is_file() and any(target.iterdir()):
-        raise QuantizationError(f"refusing to replace {target}: it is not empty and is not a quantized checkpoint")
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {"format_version": FORMAT_VERSION, "quantization": config, "config": model.config.to_dict(),
             "modules": {name: m.spec() for name, m in quantized_modules(model).items()},
             "tied_embedding": isinstance(model.tok_embeddings, QuantEmbedding)}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        save_file(state, str(tmp / "model.safetensors"))
-        (tmp / "quant.json").write_text(json.dumps(meta, indent=1))
-        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-        if target.exists():
-            os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with save_into(directory, owns=lambda rel: rel in (QUANT_FILE, WEIGHTS_FILE), marker=QUANT_FILE,
+                   foreign=_FOREIGN.fullmatch, overwrite=overwrite) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def load_quantized(directory: str | os.PathLike, scheme: str | None = None, device="cpu",
@@ -149,6 +149,10 @@ def load_quantized(directory: str | os.PathLike, scheme: str | None = None, devi
     """Load a ``save_quantized`` directory. ``scheme`` and options (e.g. group_size=64), when given, must match
     what was saved: a model quantized otherwise is refused with a clear error rather than silently used."""
     path = Path(directory)
+    if recover_legacy(path.absolute()):  # an earlier version's save was killed between its two renames
+        warnings.warn(f"{path} was restored from the copy an interrupted save had left in .{path.name}.old-*")
+    if path.is_dir():
+        recover(path)  # a save killed after its commit is finished first: never a mix of two saves
     if not (path / "quant.json").is_file():
         raise QuantizationError(f"{path} has no quant.json: not a save_quantized checkpoint")
     meta = json.loads((path / "quant.json").read_text())
