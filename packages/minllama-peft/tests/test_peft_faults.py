@@ -29,6 +29,17 @@ WRONG_VALUES = [None, "x", "", "01", math.nan, math.inf, -1, 0, 10 ** 12, 1e300,
 UNPROTECTED_WITHOUT_COPY = ("lora_alpha", "use_rslora")
 
 
+def sorted_metadata(data: bytes) -> bytes:
+    """The same file with its header's metadata in sorted order: safetensors writes that map in no fixed order, so
+    the byte positions the suite damages (and its counts) would change from run to run."""
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+
+
 class Faults:
     """One saved adapter, kept in memory; ``case`` writes a damaged copy into one folder and loads it."""
 
@@ -40,6 +51,7 @@ class Faults:
         save_adapter(model, folder)
         self.folder = folder
         self.original = {name: (folder / name).read_bytes() for name in (CONFIG, WEIGHTS)}
+        self.original[WEIGHTS] = sorted_metadata(self.original[WEIGHTS])
         self.tensors, self.metadata = self.read_weights(self.original[WEIGHTS])
         if not copy_settings:
             self.metadata.pop(SETTINGS)

@@ -30,6 +30,17 @@ UNPROTECTED_WITHOUT_COPY = ("config.norm_eps", "config.rope_theta", "config.rope
 MODULE_SAMPLE = ("layers.0.attention.wq", "layers.1.feed_forward.w2", "output")
 
 
+def sorted_metadata(data: bytes) -> bytes:
+    """The same file with its header's metadata in sorted order: safetensors writes that map in no fixed order, so
+    the byte positions the suite damages (and its counts) would change from run to run."""
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+
+
 class Faults:
     """One saved checkpoint, kept in memory; ``case`` writes a damaged copy into one folder and loads it."""
 
@@ -37,6 +48,7 @@ class Faults:
         save_quantized(model, folder)
         self.folder = folder
         self.original = {name: (folder / name).read_bytes() for name in (QUANT, WEIGHTS)}
+        self.original[WEIGHTS] = sorted_metadata(self.original[WEIGHTS])
         if not copy:  # an older save: no settings copy in the header
             tensors, metadata = self.tensors()
             metadata.pop(SETTINGS)
