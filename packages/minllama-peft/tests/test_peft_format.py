@@ -46,6 +46,7 @@ def test_file_layout_is_peft_s(saved):
 
 
 def rewrite(path, edit_tensors=None, edit_config=None):
+    """Edit the files; the weights are written back without metadata (as HF peft writes them: no settings copy)."""
     if edit_tensors:
         tensors = load_file(path / "adapter_model.safetensors")
         edit_tensors(tensors)
@@ -59,8 +60,12 @@ def rewrite(path, edit_tensors=None, edit_config=None):
 def test_wrong_rank_is_named(saved):
     _, path = saved
     rewrite(path, edit_config=lambda c: c.update(r=8))
+    with pytest.raises(AdapterError, match=r"disagree on r: adapter_config.json says 8, adapter_model.safetensors "
+                                           r"was saved with 4"):
+        load_adapter(tiny_model("tiny-gqa"), path)  # our files: the copy of the settings names the field
+    rewrite(path, edit_tensors=lambda t: None)  # rewritten without metadata, like an adapter saved by HF peft
     with pytest.raises(AdapterError, match=r"has rank 4 but adapter_config.json says r=8"):
-        load_adapter(tiny_model("tiny-gqa"), path)
+        load_adapter(tiny_model("tiny-gqa"), path)  # the shapes still tell
 
 
 def test_missing_keys_are_named(saved):

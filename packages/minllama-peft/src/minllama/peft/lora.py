@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterator
@@ -36,6 +37,14 @@ class AdapterError(ValueError):
     """An adapter cannot be applied, loaded or saved; the message says what is wrong and what to do."""
 
 
+def _whole(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """r: rank; alpha: scale numerator; dropout: on the adapter's input; targets: which Linear layers (ours
@@ -51,19 +60,34 @@ class LoraConfig:
     use_dora: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 1:
+        # Each value is checked for its type too: r=8.9 or layers="01" must be refused, not truncated to 8 or read
+        # character by character (bool is an int in Python: r=True is refused as well).
+        if not _whole(self.r) or self.r < 1:
             raise AdapterError(f"LoRA rank r={self.r!r} must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise AdapterError(f"dropout={self.dropout} must be in [0, 1)")
-        targets = tuple(HF_ALIASES.get(t, t) for t in ((self.targets,) if isinstance(self.targets, str)
-                                                       else self.targets))
+        object.__setattr__(self, "r", int(self.r))
+        if not _real(self.alpha) or not 0 < self.alpha < math.inf:
+            raise AdapterError(f"alpha={self.alpha!r} must be a finite number > 0 (the update is scaled by alpha/r)")
+        if not _real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise AdapterError(f"dropout={self.dropout!r} must be a number in [0, 1)")
+        for key in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, key), bool):
+                raise AdapterError(f"{key}={getattr(self, key)!r} must be True or False")
+        targets = (self.targets,) if isinstance(self.targets, str) else self.targets
+        if not isinstance(targets, (tuple, list)) or not all(isinstance(t, str) for t in targets):
+            raise AdapterError(f"targets={self.targets!r} must be a module name or a list of names")
+        targets = tuple(HF_ALIASES.get(t, t) for t in targets)
         unknown = [t for t in targets if t not in KNOWN_TARGETS]
         if unknown or not targets:
             raise AdapterError(f"unknown LoRA target(s) {unknown or targets}: choose among {', '.join(KNOWN_TARGETS)} "
                                f"(or the HF names {', '.join(HF_ALIASES)})")
         object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+            layers = (self.layers,) if _whole(self.layers) else self.layers
+            ok = not isinstance(layers, (str, bytes, dict)) and hasattr(layers, "__iter__")
+            layers = tuple(layers) if ok else ()
+            if not ok or not all(_whole(i) and i >= 0 for i in layers):
+                raise AdapterError(f"layers={self.layers!r} must be a layer index or a list of indices (>= 0)")
+            object.__setattr__(self, "layers", tuple(dict.fromkeys(int(i) for i in layers)))  # repeats once
 
     @property
     def scaling(self) -> float:

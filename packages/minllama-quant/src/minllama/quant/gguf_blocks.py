@@ -37,6 +37,12 @@ def _fp16_at(blocks: Tensor, offset: int) -> Tensor:
     return blocks[..., offset:offset + 2].contiguous().view(torch.float16).squeeze(-1).float()
 
 
+def block_scales(raw: Tensor, qtype: str) -> list[Tensor]:
+    """The fp16 numbers of every block (d, and m for Q4_1) as float32 (N, nb): where a NaN or Inf would hide."""
+    blocks = raw.view(raw.shape[0], -1, BLOCK_BYTES[qtype])
+    return [_fp16_at(blocks, 0)] + ([_fp16_at(blocks, 2)] if qtype == "q4_1" else [])
+
+
 def unpack_blocks(raw: Tensor, qtype: str) -> dict[str, Tensor]:
     """Raw bytes (N, nb * block_bytes) -> d (N, nb), m (N, nb) for Q4_1, codes (N, nb * 32) (int8 or 0..15)."""
     N = raw.shape[0]
