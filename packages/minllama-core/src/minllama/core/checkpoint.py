@@ -122,8 +122,17 @@ def _assemble(cfg: LlamaConfig, entries: Entries, unexpected: list[str], where: 
               src_name: Callable[[str], str] = str) -> MinimalLlama:
     """Check the tensor list against the config, then read the tensors into a model built on the meta device.
     ``fix`` converts a tensor to our layout; ``src_name`` gives our names in the file's naming (for messages)."""
-    with torch.device("meta"):
-        model = MinimalLlama(cfg)
+    layers = {m.group(1) for name in entries if (m := re.match(r"layers\.(\d+)\.", name))}
+    if cfg.n_layers > len(layers) + 1:  # never build (even on meta) the 10**9 layers a damaged config may ask for
+        raise CheckpointError(f"{where} does not match its config: the config has {cfg.n_layers} layers, the file "
+                              f"holds tensors of {len(layers)}; is the config from another model, or the "
+                              "checkpoint incomplete?")
+    try:
+        with torch.device("meta"):
+            model = MinimalLlama(cfg)
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as e:  # sizes whose product overflows
+        raise CheckpointError(f"{where}: its config describes a model that cannot be built ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}): the config is damaged") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     head_copy = None
     if cfg.tie_embeddings:
