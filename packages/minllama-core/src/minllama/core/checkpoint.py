@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -179,6 +180,9 @@ def _read(where: str, src: str, read: Callable[[], torch.Tensor],
     except Exception as e:
         raise CheckpointError(f"{where}: cannot read tensor {src} ({type(e).__name__}: {str(e)[:200]}): the file is "
                               "truncated or damaged; re-download or re-save it") from None
+    if not _dense(t):  # a stride of 0 or one that overlaps: a damaged (or crafted) pickle, never a saved weight
+        raise CheckpointError(f"{where}: tensor {src} has strides {t.stride()} for its shape {tuple(t.shape)}: its "
+                              "elements overlap, so it is not a stored weight; the file is damaged")
     if not t.is_floating_point():
         raise CheckpointError(f"{where}: tensor {src} is stored as {str(t.dtype).removeprefix('torch.')}, not as "
                               "floats: a damaged file, or a quantized one (load GGUF blocks with minllama.quant)")
@@ -186,6 +190,17 @@ def _read(where: str, src: str, read: Callable[[], torch.Tensor],
         raise CheckpointError(f"{where}: tensor {src} holds NaN or Inf values: the checkpoint is damaged (or was "
                               "saved from a diverged training run)")
     return fix(t) if fix else t
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Every element has its own place and no place is skipped, in some order of the dimensions (a contiguous
+    tensor, or a transposed one as ``torch.save(w.t())`` stores it); not a broadcast (stride 0) or overlapping view."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _read_json(path: Path) -> dict:
@@ -317,6 +332,25 @@ def load_plain(file: str | os.PathLike, what: str = "a PyTorch checkpoint", **kw
                               f"{str(e).splitlines()[0][:200]}): re-download or re-save it") from None
 
 
+def _verify_zip(file: Path) -> None:
+    """Check every record of a ``torch.save`` zip against the CRC-32 that torch.save stores for it (torch.load with
+    ``mmap=True`` never looks at them): a damaged byte anywhere (the pickle, a record's header, the weights) is one
+    CheckpointError instead of tensors read from the wrong place. One extra sequential read of the file."""
+    if not zipfile.is_zipfile(file):
+        return  # the legacy (pre-1.6) format has no CRCs; torch.load reports what is wrong with it
+    try:
+        with zipfile.ZipFile(file) as z:
+            for info in z.infolist():
+                if info.CRC == 0 and info.file_size:
+                    continue  # written without CRCs (torch.save with compute_crc32 off): nothing to check
+                with z.open(info) as f:
+                    while f.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{file} is damaged ({type(e).__name__}: {str(e)[:200]}): re-download or re-save "
+                              "it") from None
+
+
 def _load_meta(path: Path, dtype, device) -> MinimalLlama:
     params = _read_json(path / "params.json")
     if not isinstance(params, dict) or "dim" not in params:
@@ -331,10 +365,20 @@ def _load_meta(path: Path, dtype, device) -> MinimalLlama:
                               "model-parallel rank)")
     shards = []
     for f in files:
+        if f.is_file():
+            _verify_zip(f)
         shard = load_plain(f, "a Meta checkpoint", map_location="cpu", mmap=True)
-        if not isinstance(shard, dict) or not all(isinstance(v, torch.Tensor) for v in shard.values()):
+        if not isinstance(shard, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in shard.items()):
             raise CheckpointError(f"{f} holds a {type(shard).__name__}, not a dict of tensors: not a Meta "
                                   "consolidated.*.pth (re-save it with save_meta)")
+        owner: dict[tuple, str] = {}  # two weights in the same bytes: only a tied head may share the embedding's
+        for k, v in shard.items():
+            place = (v.untyped_storage().data_ptr(), v.storage_offset())
+            if v.numel() and owner.setdefault(place, k) != k and \
+                    {k, owner[place]} != {"tok_embeddings.weight", "output.weight"}:
+                raise CheckpointError(f"{f}: {owner[place]} and {k} are stored in the same bytes: two different "
+                                      "weights cannot be one tensor; the file is damaged")
         shards.append(shard)
     for f, s in zip(files[1:], shards[1:]):
         if s.keys() != shards[0].keys():
@@ -342,11 +386,23 @@ def _load_meta(path: Path, dtype, device) -> MinimalLlama:
 
     def merged(name: str) -> torch.Tensor:
         parts = [s[name] for s in shards]
-        d = _meta_merge_dim(name, tuple(parts[0].shape), params["dim"]) if len(parts) > 1 else None
-        if d is None and any(not torch.equal(p, parts[0]) for p in parts[1:]):
-            raise CheckpointError(f"{path}: {name} is replicated on every model-parallel shard, but the shards hold "
-                                  "different values: they are from different models or saves")
-        return parts[0] if d is None else torch.cat(parts, dim=d)
+        if len(parts) == 1:
+            return parts[0]
+        for f, part in zip(files, parts):  # each part as _read checks a whole tensor: cat would hide a bad one
+            _read(f"{path}: {f.name}", name, lambda p=part: p)
+        d = _meta_merge_dim(name, tuple(parts[0].shape), params["dim"])
+        if d is None:
+            if any(p.shape != parts[0].shape or not torch.equal(p, parts[0]) for p in parts[1:]):
+                raise CheckpointError(f"{path}: {name} is replicated on every model-parallel shard, but the shards "
+                                      "hold different values: they are from different models or saves")
+            return parts[0]
+        if any(p.dim() != parts[0].dim() or p.dtype != parts[0].dtype or
+               [n for i, n in enumerate(p.shape) if i != d] != [n for i, n in enumerate(parts[0].shape) if i != d]
+               for p in parts[1:]):
+            raise CheckpointError(f"{path}: the shards of {name} have shapes {[tuple(p.shape) for p in parts]} "
+                                  f"(dtypes {sorted({str(p.dtype) for p in parts})}), which do not join along "
+                                  f"dimension {d}: they are from different models or saves")
+        return torch.cat(parts, dim=d)
 
     def merged_shape(name: str) -> tuple:
         shape = list(shards[0][name].shape)
