@@ -432,6 +432,7 @@ def _load_gguf(path: Path, dtype, device, with_tokenizer: bool):
         reader = gguf.GGUFReader(path)  # memory-mapped: nothing is read until a tensor is dequantized
     except Exception as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}): re-download it") from None
+    _check_gguf_layout(reader, path)
     cfg = _config(config_from_gguf, path, reader)
     entries: Entries = {}
     unexpected = []
@@ -450,6 +451,24 @@ def _load_gguf(path: Path, dtype, device, with_tokenizer: bool):
         from .tokenizer import tokenizer_from_gguf
         tokenizer = _tokenizer(lambda: tokenizer_from_gguf(reader), path, cfg)
     return model, tokenizer
+
+
+def _check_gguf_layout(reader, path: Path) -> None:
+    """The rule llama.cpp's own reader enforces: each tensor's data starts where the previous one's ends (rounded up
+    to the alignment), in the order of the tensor list, and the file ends with the last one. A damaged offset, type
+    or shape in the header then is one clear error instead of weights read from another tensor's bytes."""
+    expected = reader.data_offset
+    for t in reader.tensors:
+        if t.data_offset != expected:
+            raise CheckpointError(f"{path}: the data of tensor {t.name} starts at byte {t.data_offset}, not at "
+                                  f"{expected} where the previous tensor ends: a damaged header (re-download it)")
+        end = t.data_offset + int(t.n_bytes)
+        expected = end + (-end) % reader.alignment
+    size = len(reader.data)
+    if reader.tensors and not end <= size <= expected:
+        raise CheckpointError(f"{path} is {size} bytes long but its tensors end at byte {end}: "
+                              f"{'truncated' if size < end else 'a damaged header (tensor types or shapes)'}; "
+                              "re-download it")
 
 
 def _dequantize(t, shape: tuple) -> torch.Tensor:

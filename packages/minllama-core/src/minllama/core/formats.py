@@ -306,6 +306,8 @@ def _f32(x: float) -> float:
 
 def config_from_gguf(reader, file: str = "GGUF file") -> LlamaConfig:
     """The ``{arch}.*`` metadata of a llama GGUF file -> LlamaConfig."""
+    import gguf
+
     arch = gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise CheckpointError(f"GGUF architecture {arch!r} is not supported; only 'llama' GGUF files load "
@@ -327,7 +329,12 @@ def config_from_gguf(reader, file: str = "GGUF file") -> LlamaConfig:
         raise CheckpointError(f"{file}: rope scaling {scaling_type!r} is not supported (only Llama 3.1 rope_freqs)")
     rope_scaling = None
     if "rope_freqs.weight" in names:  # Llama 3.1: llama.cpp stores the per-pair divisors, not the parameters
-        factors = torch.from_numpy(np.array(names["rope_freqs.weight"].data, dtype=np.float32))
+        t = names["rope_freqs.weight"]
+        if t.tensor_type != gguf.GGMLQuantizationType.F32 or tuple(int(n) for n in t.shape) != (head_dim // 2,):
+            raise CheckpointError(f"{file}: rope_freqs.weight is {t.tensor_type.name} of shape "
+                                  f"{tuple(int(n) for n in t.shape)}, not F32 of ({head_dim // 2},) (one factor per "
+                                  "rotated channel pair): a damaged file")
+        factors = torch.from_numpy(np.array(t.data, dtype=np.float32))
         rope_scaling = RopeScaling(factor=float(factors.max()),
                                    original_max_seq_len=num("rope.scaling.original_context_length", int, 8192))
     cfg = build_config(
