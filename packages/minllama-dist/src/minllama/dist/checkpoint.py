@@ -217,6 +217,8 @@ def _check_train_state(state, file: Path) -> None:
 def _config_from_state(d, file: Path) -> LlamaConfig:
     if not isinstance(d, dict):
         raise CheckpointError(f"{file}: 'config' is a JSON {type(d).__name__}, not an object")
+    if d.get("rope_scaling") is not None and not isinstance(d["rope_scaling"], dict):
+        raise CheckpointError(f"{file}: 'config.rope_scaling' is {d['rope_scaling']!r}, not an object or null")
     try:
         return LlamaConfig(**d)
     except (TypeError, ValueError) as e:
@@ -385,19 +387,53 @@ class CheckpointManager:
 
 # ----------------------------------------------------------------------------- conversion to and from core formats
 def read_config(path: str | os.PathLike) -> LlamaConfig:
-    """The model config stored in a checkpoint written here."""
+    """The model config stored in a checkpoint written here, checked against the names and shapes of the tensors
+    the checkpoint holds (whether the head is tied shows only in the values: ``dcp_to_model`` checks that)."""
     state = check_checkpoint(path)
     if "config" not in state:
         raise CheckpointError(f"{path}/{STATE_FILE} has no model config: not written by minllama.dist")
-    return _config_from_state(state["config"], Path(path) / STATE_FILE)
+    cfg = _config_from_state(state["config"], Path(path) / STATE_FILE)
+    _check_config_fits(cfg, Path(path))
+    return cfg
+
+
+def _check_config_fits(cfg: LlamaConfig, path: Path) -> None:
+    """The stored config must describe the tensors the index lists (names and shapes), checked on the meta device
+    before a full model is allocated from it: a damaged config must not allocate 2**40 embedding rows or 10**9
+    layers, nor build a model that the load then fills only in part."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = {k.removeprefix("model."): tuple(md.size) for k, md in read_dcp_metadata(path).state_dict_metadata.items()
+             if k.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    where = f"{path / STATE_FILE}: 'config'"
+    layers = {m.group(1) for k in saved if (m := re.match(r"layers\.(\d+)\.", k))}
+    if cfg.n_layers > len(layers):
+        raise CheckpointError(f"{where} has {cfg.n_layers} layers, the checkpoint holds {len(layers)}: the config "
+                              "does not match the weights")
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in MinimalLlama(cfg).state_dict().items()}
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as e:
+        raise CheckpointError(f"{where} describes a model that cannot be built ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from None
+    for k in sorted(expected.keys() | saved.keys()):
+        if expected.get(k) != saved.get(k):
+            raise CheckpointError(f"{where} does not match the weights: tensor {k} is {saved.get(k, 'absent')} in "
+                                  f"the checkpoint, {expected.get(k, 'absent')} for the config")
 
 
 def dcp_to_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> MinimalLlama:
     """Gather a (sharded) DCP checkpoint into one full, unsharded model in this process (any world size wrote it)."""
-    model = MinimalLlama(read_config(path)).to(device)
+    cfg = read_config(path)
+    model = MinimalLlama(cfg).to(device)
     sd = model.state_dict()
+    if cfg.tie_embeddings:  # a head of its own to load into: it must turn out to be the embedding
+        sd["output.weight"] = torch.empty_like(sd["output.weight"])
     safe_load({"model": sd}, path, no_dist=True)
-    model.load_state_dict(sd)
+    if cfg.tie_embeddings and not torch.equal(sd.pop("output.weight"), sd["tok_embeddings.weight"]):
+        raise CheckpointError(f"{Path(path) / STATE_FILE}: the config ties the head to the embedding, but the "
+                              "checkpoint holds a different head: the config does not match the weights")
+    model.load_state_dict(sd, strict=not cfg.tie_embeddings)
     return model.eval()
 
 
