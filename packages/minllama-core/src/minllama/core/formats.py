@@ -114,9 +114,13 @@ def hf_to_meta_rows(w: Tensor, n_heads: int) -> Tensor:
 _REQUIRED = object()
 
 
+MAX_SIZE = 2 ** 31  # no size of a Llama (vocabulary, width, layers, heads, context) comes near it
+
+
 def number(d: Mapping[str, Any], key: str, kind: type = int, default: Any = _REQUIRED, file: str = "config") -> Any:
-    """``d[key]`` as a positive, finite int or float, or one CheckpointError naming the file and the field (a
-    string, null, list, bool, 0, negative, NaN or inf where a size or a rate belongs)."""
+    """``d[key]`` as a positive, finite int (below ``MAX_SIZE``) or float, or one CheckpointError naming the file
+    and the field (a string, null, list, bool, 0, negative, NaN, inf or an absurd size where a size or a rate
+    belongs: a damaged 2**62 would otherwise reach the allocator)."""
     if key not in d or (d[key] is None and default is not _REQUIRED):
         if default is _REQUIRED:
             raise CheckpointError(f"{file} lacks the key {key!r}: not a Llama config (or a truncated file)")
@@ -125,8 +129,8 @@ def number(d: Mapping[str, Any], key: str, kind: type = int, default: Any = _REQ
     if kind is int and isinstance(v, float) and v.is_integer():
         v = int(v)  # 2048.0 written by some tools
     ok = isinstance(v, int) if kind is int else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or not 0 < v < math.inf:
-        want = "a whole number >= 1" if kind is int else "a finite number > 0"
+    if isinstance(v, bool) or not ok or not 0 < v < (MAX_SIZE if kind is int else math.inf):
+        want = f"a whole number in [1, 2^{MAX_SIZE.bit_length() - 1})" if kind is int else "a finite number > 0"
         raise CheckpointError(f"{file}: {key} is {v!r}, not {want}: re-download the file or fix that field")
     return kind(v)
 
@@ -302,6 +306,8 @@ def _f32(x: float) -> float:
 
 def config_from_gguf(reader, file: str = "GGUF file") -> LlamaConfig:
     """The ``{arch}.*`` metadata of a llama GGUF file -> LlamaConfig."""
+    import gguf
+
     arch = gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise CheckpointError(f"GGUF architecture {arch!r} is not supported; only 'llama' GGUF files load "
@@ -323,7 +329,12 @@ def config_from_gguf(reader, file: str = "GGUF file") -> LlamaConfig:
         raise CheckpointError(f"{file}: rope scaling {scaling_type!r} is not supported (only Llama 3.1 rope_freqs)")
     rope_scaling = None
     if "rope_freqs.weight" in names:  # Llama 3.1: llama.cpp stores the per-pair divisors, not the parameters
-        factors = torch.from_numpy(np.array(names["rope_freqs.weight"].data, dtype=np.float32))
+        t = names["rope_freqs.weight"]
+        if t.tensor_type != gguf.GGMLQuantizationType.F32 or tuple(int(n) for n in t.shape) != (head_dim // 2,):
+            raise CheckpointError(f"{file}: rope_freqs.weight is {t.tensor_type.name} of shape "
+                                  f"{tuple(int(n) for n in t.shape)}, not F32 of ({head_dim // 2},) (one factor per "
+                                  "rotated channel pair): a damaged file")
+        factors = torch.from_numpy(np.array(t.data, dtype=np.float32))
         rope_scaling = RopeScaling(factor=float(factors.max()),
                                    original_max_seq_len=num("rope.scaling.original_context_length", int, 8192))
     cfg = build_config(

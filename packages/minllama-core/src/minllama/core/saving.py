@@ -80,13 +80,18 @@ def _own_file(target: Path, rel, journal: Path) -> Path:
 
 def recover(directory: str | os.PathLike) -> None:
     """Finish a save that was killed after its commit (a journal is present). Safe to call any number of times,
-    and cheap when there is nothing to do (one ``stat``). Every loader calls it first."""
+    and cheap when there is nothing to do (one ``stat``). Every loader calls it first. Several processes may run it
+    at once on one folder (every rank of a job loading the same checkpoint): a step that another one has done
+    already is skipped."""
     target = Path(directory)
     journal = target / JOURNAL
     if not journal.is_file():
         return
     try:
-        plan = json.loads(journal.read_text())
+        try:
+            plan = json.loads(journal.read_text())
+        except FileNotFoundError:
+            return  # another process finished it in the meantime
         if not re.fullmatch(rf"\.{re.escape(target.name)}{_STAGING}[0-9a-f]{{8}}", plan["staging"]):
             raise ValueError(f"the journal names {plan['staging']!r}, not a staging folder of {target.name}")
         staging = target.parent / plan["staging"]
@@ -94,11 +99,16 @@ def recover(directory: str | os.PathLike) -> None:
             src, dst = staging / rel, _own_file(target, rel, journal)
             if src.exists():  # not yet moved (a repeated recover finds it gone: already done)
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dst)
+                try:
+                    os.replace(src, dst)
+                except FileNotFoundError:
+                    if src.exists():
+                        raise
+                    # another process moved it between our check and our rename
         for rel in plan["deletes"]:
             _own_file(target, rel, journal).unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
-        journal.unlink()
+        journal.unlink(missing_ok=True)
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -124,6 +134,12 @@ def publish(staging: Path, target: Path, owns: Callable[[str], bool] = lambda re
     plan = {"staging": staging.name, "renames": new, "deletes": old}
     atomic_write(target / JOURNAL, lambda tmp: Path(tmp).write_text(json.dumps(plan, indent=1) + "\n"))  # commit
     recover(target)  # apply: the same code that finishes a killed save
+
+
+def staging_folder(target: Path) -> Path:
+    """The path of a fresh staging folder for ``target`` (not created): a name ``recover`` accepts in a journal,
+    and one that the next save deletes if this one dies before its commit."""
+    return target.with_name(f".{target.name}{_STAGING}{uuid.uuid4().hex[:8]}")
 
 
 def recover_legacy(target: Path) -> bool:
@@ -172,7 +188,7 @@ def save_into(directory: str | os.PathLike, owns: Callable[[str], bool], marker:
                                   "or pass overwrite=True (other files are kept)")
     _remove_stale(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}{_STAGING}{uuid.uuid4().hex[:8]}")
+    staging = staging_folder(target)
     staging.mkdir()  # not mkdtemp: a new checkpoint folder gets the usual permissions, not 0700
     try:
         yield staging

@@ -13,9 +13,14 @@ Resharding (N ranks wrote it, M ranks read it) needs no conversion: each reading
 shards cover (global offsets from its DTensor placement), and DCP's planner finds them in the saved chunks and
 reads those byte ranges. M = 1 with a plain, unsharded model asks for whole tensors.
 
-Saves are atomic: everything is written to ``.step_N.tmp/`` and renamed to ``step_N/`` only when every rank has
-finished, so a crash mid-save leaves the previous checkpoint untouched (the half-written temp is ignored and later
-deleted). The newest ``keep`` checkpoints are kept.
+Saves are atomic, with core's save protocol (``minllama.core.saving``): every rank writes into a fresh staging folder
+``.step_N.staging-XXXXXXXX/``; when all have finished, rank 0 publishes it. A new ``step_N/`` is one rename of the
+whole folder; a ``step_N/`` saved again is replaced through a journal (``step_N/.minllama-publish.json``, written
+atomically: the commit) and one rename per file. A kill before the commit leaves the previous checkpoint untouched
+and a staging folder that the next save deletes; a kill after it leaves the journal, which every reader here
+(``check_checkpoint``, ``load_checkpoint``, ``read_config``, ``CheckpointManager.checkpoints``) finishes before it
+reads the folder. So at every instant ``step_N/`` is the old checkpoint or the new one. The newest ``keep``
+checkpoints are kept.
 """
 from __future__ import annotations
 
@@ -36,12 +41,20 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from minllama.core import CheckpointError, LlamaConfig, MinimalLlama, load_pretrained, save_hf, save_meta
 from minllama.core.checkpoint import load_plain
+from minllama.core.saving import publish, recover, staging_folder
+from minllama.core.build import meta_model
 
 from .fsdp import rebuild_rope
 from .safe_dcp import read_dcp_metadata, safe_load
 
 STEP_DIR = re.compile(r"step_(\d{8})")
 STATE_FILE = "train_state.json"
+# The files a save writes into a checkpoint folder (a re-save deletes the previous save's stale ones, e.g. the shard
+# of a rank that the new world size no longer has); any other file in the folder is left alone.
+_OWNED = re.compile(r"\.metadata|__\d+_\d+\.distcp|train_state\.json|rng/rank\d+\.pt")
+# Temporary folders next to a checkpoint NAME: ours, and those of earlier versions (.NAME.tmp: a save's staging;
+# .NAME.old: the previous checkpoint, moved aside by a publish made of two renames).
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?:staging-[0-9a-f]{8}|tmp|old)")
 
 
 def _rank() -> int:
@@ -85,14 +98,83 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# ------------------------------------------------------------------------------------------ interrupted saves
+def _recover(path: Path) -> None:
+    """Finish what a killed publish of ``path`` left, before anything reads it. Any number of ranks may run it at
+    once on the shared filesystem (each step that another one did already is skipped); cheap when there is
+    nothing to do."""
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():  # an earlier version died between its two renames: put the old one back
+        try:
+            os.rename(old, path)
+        except OSError:
+            if not path.is_dir():  # (another rank restored it first otherwise)
+                raise CheckpointError(f"{path} is missing and its previous copy {old.name} cannot be moved back: "
+                                      "give write access to the folder and load it again") from None
+        else:
+            warnings.warn(f"{path} was restored from {old.name}, the copy an interrupted save had left")
+    if path.is_dir():
+        recover(path)  # core's journal: the rest of an interrupted re-save
+
+
+def _remove_stale(final: Path, keep: Path | None = None) -> None:
+    """Delete the temporary folders that interrupted saves of ``final`` left (after ``_recover(final)``: until
+    then an ``.old`` one may be the only copy, and the staging folder named by a journal holds the new files)."""
+    for p in final.parent.iterdir() if final.parent.is_dir() else ():
+        m = _TEMP.fullmatch(p.name)
+        if m and m["name"] == final.name and p.is_dir() and p != keep and \
+                (not p.name.endswith(".old") or final.exists()):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _refuse_foreign(final: Path) -> None:
+    """A save replaces only a checkpoint: never a folder holding something else (checked on every rank, from the
+    shared filesystem, before any collective, so that all ranks raise together)."""
+    if final.exists() and not final.is_dir():
+        raise CheckpointError(f"refusing to save into {final}: it exists and is not a directory")
+    if final.is_dir() and not (final / ".metadata").is_file() and any(final.iterdir()):
+        raise CheckpointError(f"refusing to save into {final}: it is not empty and holds no DCP checkpoint "
+                              "(.metadata); choose a new or empty directory")
+
+
+def _begin_save(final: Path, collective: bool = True) -> Path:
+    """Rank 0 finishes an interrupted save of ``final``, deletes stale temporaries and makes a fresh staging
+    folder; every rank gets its path (or the same CheckpointError). ``collective=False``: this process alone."""
+    _refuse_foreign(final)
+    answer: list = [None]
+    if _rank() == 0 or not collective:
+        try:
+            _recover(final)
+            _remove_stale(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging = staging_folder(final)
+            staging.mkdir()
+            answer = [str(staging)]
+        except (OSError, CheckpointError) as e:
+            answer = [CheckpointError(f"cannot save {final}: {e}")]
+    if collective and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], CheckpointError):
+        raise answer[0]
+    return Path(answer[0])
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Rank 0 makes the finished staging folder the checkpoint ``final``, with core's protocol: one rename for a
+    new folder; journal + a rename per file for one saved again. A kill at any instant leaves old or new."""
+    publish(staging, final, owns=_OWNED.fullmatch)
+
+
 # ---------------------------------------------------------------------------------------------------- checks
 def check_checkpoint(path: str | os.PathLike) -> dict:
     """Raise one clear CheckpointError if ``path`` is not a complete checkpoint; else return its train state.
 
     Runs on every rank *before* any collective, reading only the shared filesystem, so every rank reaches the same
-    verdict and raises together: a damaged checkpoint never leaves some ranks waiting in a collective.
+    verdict and raises together: a damaged checkpoint never leaves some ranks waiting in a collective. An
+    interrupted save of ``path`` is finished first (``_recover``).
     """
     path = Path(path)
+    _recover(path.absolute())
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     state_file, meta_file = path / STATE_FILE, path / ".metadata"
@@ -136,6 +218,8 @@ def _check_train_state(state, file: Path) -> None:
 def _config_from_state(d, file: Path) -> LlamaConfig:
     if not isinstance(d, dict):
         raise CheckpointError(f"{file}: 'config' is a JSON {type(d).__name__}, not an object")
+    if d.get("rope_scaling") is not None and not isinstance(d["rope_scaling"], dict):
+        raise CheckpointError(f"{file}: 'config.rope_scaling' is {d['rope_scaling']!r}, not an object or null")
     try:
         return LlamaConfig(**d)
     except (TypeError, ValueError) as e:
@@ -169,27 +253,14 @@ def _write_side_files(tmp: Path, model: MinimalLlama, train_state: dict) -> None
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rank 0 renames the finished temp directory into place (a rename is atomic on one filesystem)."""
-    if final.exists():  # the same step saved again: move the old one aside first, then drop it
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-
-
 def save_checkpoint(path: str | os.PathLike, model: MinimalLlama, optimizer=None, train_state: dict | None = None,
                     ) -> Path:
-    """Save model (+ optimizer) + train state to ``path`` atomically; every rank calls it. Returns ``path``."""
+    """Save model (+ optimizer) + train state to ``path`` atomically; every rank calls it. Returns ``path``.
+
+    ``path`` may hold a checkpoint already (it is replaced: a kill at any moment leaves the old one or the new one);
+    a non-empty folder holding no checkpoint is refused. Files in ``path`` that a save does not write are kept."""
     final = Path(path).absolute()
-    tmp = final.with_name(f".{final.name}.tmp")
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
-        tmp.mkdir(parents=True)
-    _barrier()
+    tmp = _begin_save(final)
     _write_side_files(tmp, model, train_state or {})
     with _single_process_ok():
         dcp.save(_state(model, optimizer), checkpoint_id=str(tmp), **_dist_kwargs())
@@ -251,10 +322,18 @@ class CheckpointManager:
             self._group = dist.new_group(backend="gloo")  # collective: every rank creates the manager
 
     def checkpoints(self) -> list[Path]:
-        """Published checkpoints, oldest first (temp directories of unfinished saves are not listed)."""
+        """Published checkpoints, oldest first (temp directories of unfinished saves are not listed). A save that
+        was killed while it published is finished first, so every folder listed is a whole checkpoint."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
+        for p in list(self.root.iterdir()):  # an earlier version's publish, killed between its two renames
+            m = _TEMP.fullmatch(p.name)
+            if m and p.name.endswith(".old") and STEP_DIR.fullmatch(m["name"]):
+                _recover(self.root / m["name"])
+        found = sorted(p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
+        for p in found:
+            _recover(p)
+        return found
 
     def latest(self) -> Path | None:
         found = self.checkpoints()
@@ -267,11 +346,7 @@ class CheckpointManager:
             save_checkpoint(final, model, optimizer, {"step": step, **(train_state or {})})
             self._prune()
             return
-        tmp = final.with_name(f".{final.name}.tmp")
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
+        tmp = _begin_save(final)
         _write_side_files(tmp, model, {"step": step, **(train_state or {})})
         future = dcp.async_save(_state(model, optimizer), checkpoint_id=str(tmp), process_group=self._group,
                                 **_dist_kwargs())
@@ -294,11 +369,15 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         if _rank() == 0:
-            for old in self.checkpoints()[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-            for stale in self.root.glob(".step_*.tmp"):  # interrupted saves (none is in flight here)
-                if self._pending is None or stale != self._pending[1]:
-                    shutil.rmtree(stale, ignore_errors=True)
+            for old in self.checkpoints()[:-self.keep]:  # (checkpoints() finished any interrupted publish)
+                doomed = old.with_name(f".{old.name}.tmp")  # renamed first: a kill mid-delete lists no half folder
+                shutil.rmtree(doomed, ignore_errors=True)
+                os.rename(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+            names = {m["name"] for p in self.root.iterdir() if (m := _TEMP.fullmatch(p.name))}
+            for name in names:  # temporaries of interrupted saves (only the pending one is in flight)
+                if STEP_DIR.fullmatch(name):
+                    _remove_stale(self.root / name, keep=self._pending[1] if self._pending else None)
         _barrier()
 
     def load_latest(self, model: MinimalLlama, optimizer=None) -> dict | None:
@@ -309,19 +388,52 @@ class CheckpointManager:
 
 # ----------------------------------------------------------------------------- conversion to and from core formats
 def read_config(path: str | os.PathLike) -> LlamaConfig:
-    """The model config stored in a checkpoint written here."""
+    """The model config stored in a checkpoint written here, checked against the names and shapes of the tensors
+    the checkpoint holds (whether the head is tied shows only in the values: ``dcp_to_model`` checks that)."""
     state = check_checkpoint(path)
     if "config" not in state:
         raise CheckpointError(f"{path}/{STATE_FILE} has no model config: not written by minllama.dist")
-    return _config_from_state(state["config"], Path(path) / STATE_FILE)
+    cfg = _config_from_state(state["config"], Path(path) / STATE_FILE)
+    _check_config_fits(cfg, Path(path))
+    return cfg
+
+
+def _check_config_fits(cfg: LlamaConfig, path: Path) -> None:
+    """The stored config must describe the tensors the index lists (names and shapes), checked on the meta device
+    before a full model is allocated from it: a damaged config must not allocate 2**40 embedding rows or 10**9
+    layers, nor build a model that the load then fills only in part."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = {k.removeprefix("model."): tuple(md.size) for k, md in read_dcp_metadata(path).state_dict_metadata.items()
+             if k.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    where = f"{path / STATE_FILE}: 'config'"
+    layers = {m.group(1) for k in saved if (m := re.match(r"layers\.(\d+)\.", k))}
+    if cfg.n_layers > len(layers):
+        raise CheckpointError(f"{where} has {cfg.n_layers} layers, the checkpoint holds {len(layers)}: the config "
+                              "does not match the weights")
+    try:
+        expected = {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()}
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as e:
+        raise CheckpointError(f"{where} describes a model that cannot be built ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from None
+    for k in sorted(expected.keys() | saved.keys()):
+        if expected.get(k) != saved.get(k):
+            raise CheckpointError(f"{where} does not match the weights: tensor {k} is {saved.get(k, 'absent')} in "
+                                  f"the checkpoint, {expected.get(k, 'absent')} for the config")
 
 
 def dcp_to_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> MinimalLlama:
     """Gather a (sharded) DCP checkpoint into one full, unsharded model in this process (any world size wrote it)."""
-    model = MinimalLlama(read_config(path)).to(device)
+    cfg = read_config(path)
+    model = MinimalLlama(cfg).to(device)
     sd = model.state_dict()
+    if cfg.tie_embeddings:  # a head of its own to load into: it must turn out to be the embedding
+        sd["output.weight"] = torch.empty_like(sd["output.weight"])
     safe_load({"model": sd}, path, no_dist=True)
-    model.load_state_dict(sd)
+    if cfg.tie_embeddings and not torch.equal(sd.pop("output.weight"), sd["tok_embeddings.weight"]):
+        raise CheckpointError(f"{Path(path) / STATE_FILE}: the config ties the head to the embedding, but the "
+                              "checkpoint holds a different head: the config does not match the weights")
+    model.load_state_dict(sd, strict=not cfg.tie_embeddings)
     return model.eval()
 
 
@@ -341,9 +453,7 @@ def core_to_dcp(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     only, step 0): the starting point of distributed fine-tuning. Runs in one process."""
     model, _ = load_pretrained(source, with_tokenizer=False)
     final = Path(path).absolute()
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _begin_save(final, collective=False)
     state = {"step": 0, "world_size": 1, "config": _config_dict(model.config), "source": str(source)}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     with _single_process_ok():
@@ -360,7 +470,6 @@ def load_pretrained_sharded(source: str | os.PathLike, shard, device: torch.devi
     shards, and then ``set_model_state_dict(..., broadcast_from_rank0=True)`` sends the tensors one at a time from
     rank 0; each rank keeps the slice its shards cover. Peak per rank: its shards + one tensor (rank 0: + the model).
     """
-    from .fsdp import meta_model
 
     if _rank() == 0:
         full, _ = load_pretrained(source, with_tokenizer=False)
