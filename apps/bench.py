@@ -2,6 +2,7 @@
 
     uv run apps/bench.py                 # SmolLM2-135M-Instruct, fp32, eager and compiled, both implementations
     uv run apps/bench.py --no-compile    # eager only (compiling takes minutes on a small CPU)
+    uv run apps/bench.py --no-hf --baseline ../old-checkout   # before/after rows: another checkout (its own .venv)
 
 Each measurement runs in its own process so that its peak memory (max RSS on the CPU, max allocated on CUDA) is
 its own. Prefill: one forward over a --prompt-len token prompt. Decode: batch 1, --new-tokens greedy tokens, timed
@@ -136,9 +137,13 @@ def worker(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def run_worker(args, what: str) -> dict:
-    """Run one measurement in a fresh process (so its peak memory is its own) and return its result."""
-    cmd = [sys.executable, __file__, "--worker", what, "--prompt-len", str(args.prompt_len),
+def run_worker(args, what: str, checkout: str | None = None) -> dict:
+    """Run one measurement in a fresh process (so its peak memory is its own) and return its result; ``checkout``:
+    in another checkout of this repository, with its own .venv (the code before a change)."""
+    python, script = sys.executable, __file__
+    if checkout:
+        python, script = os.path.join(checkout, ".venv", "bin", "python"), os.path.join(checkout, "apps", "bench.py")
+    cmd = [python, script, "--worker", what, "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--device", args.device]
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -153,35 +158,43 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--baseline", help="another checkout of this repository (with its .venv): its MinimalLlama is "
+                                      "measured in the same run, interleaved, as rows 'minllama@baseline'")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
 
-    runs = [(impl, mode) for mode in (["eager"] if args.no_compile else ["eager", "compiled"])
-            for impl in (["minllama"] if args.no_hf else ["minllama", "transformers"])]
+    impls = ["minllama"] + (["minllama@baseline"] if args.baseline else []) + ([] if args.no_hf else ["transformers"])
+    runs = [(impl, mode) for mode in (["eager"] if args.no_compile else ["eager", "compiled"]) for impl in impls]
     load = os.getloadavg()[0]
     print(f"{MODEL}, fp32, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"prefill {args.prompt_len} tokens, decode {args.new_tokens} tokens at batch 1")
     if load > 0.5:
         print(f"warning: the machine was busy when the benchmark started (load average {load:.1f}): "
               f"figures may be low")
-    header = f"{'implementation':<14} {'mode':<9} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} " \
+    header = f"{'implementation':<17} {'mode':<9} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} " \
              f"{'peak MB':>8} {'warm-up s':>9}"
     print(header + "\n" + "-" * len(header))
     results = {}
     for impl, mode in runs:
-        results[impl, mode] = r = run_worker(args, f"{impl}:{mode}")
+        baseline = impl.endswith("@baseline")
+        results[impl, mode] = r = run_worker(args, f"{impl.removesuffix('@baseline')}:{mode}",
+                                             args.baseline if baseline else None)
         if "error" in r:
-            print(f"{impl:<14} {mode:<9} failed: {r['error']}")
+            print(f"{impl:<17} {mode:<9} failed: {r['error']}")
         else:
-            print(f"{impl:<14} {mode:<9} {r['load_s']:>7.1f} {r['prefill_tok_s']:>14.0f} {r['decode_tok_s']:>13.1f} "
+            print(f"{impl:<17} {mode:<9} {r['load_s']:>7.1f} {r['prefill_tok_s']:>14.0f} {r['decode_tok_s']:>13.1f} "
                   f"{r['peak_mb']:>8.0f} {r['warmup_s']:>9.1f}", flush=True)
     bound = run_worker(args, "minllama:bound")
     if "error" not in bound:
         print(f"memory-bandwidth bound: the {bound['gb']:.2f} GB of weight matrices read once per token at "
               f"{bound['gb_s']:.1f} GB/s -> at most {bound['decode_tok_s']:.1f} decode tok/s")
     for mode in ("eager", "compiled"):
+        now, before = results.get(("minllama", mode), {}), results.get(("minllama@baseline", mode), {})
+        if "decode_tok_s" in now and "decode_tok_s" in before:
+            print(f"{mode}: this checkout decodes {now['decode_tok_s'] / before['decode_tok_s']:.2f}x and prefills "
+                  f"{now['prefill_tok_s'] / before['prefill_tok_s']:.2f}x as fast as the baseline")
         ours, theirs = results.get(("minllama", mode), {}), results.get(("transformers", mode), {})
         if "decode_tok_s" in ours and "decode_tok_s" in theirs:
             print(f"{mode}: MinimalLlama decodes {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x and prefills "
