@@ -1,8 +1,8 @@
 """Pretrain a tiny MinimalLlama from scratch on a small text, on one process or many (FSDP2), with checkpoints.
 
-    python apps/train.py --steps 300                                    # one process (GPU if there is one)
-    torchrun --standalone --nproc-per-node 2 apps/train.py --steps 300  # 2 processes, the model sharded (FSDP2)
-    MINLLAMA_DEVICE=cpu torchrun --standalone --nproc-per-node 2 apps/train.py   # 2 CPU processes (gloo)
+    uv run apps/train.py --steps 300                                           # one process (GPU if there is one)
+    uv run torchrun --standalone --nproc-per-node 2 apps/train.py --steps 300  # 2 processes, sharded (FSDP2)
+    MINLLAMA_DEVICE=cpu uv run torchrun --standalone --nproc-per-node 2 apps/train.py   # 2 CPU processes (gloo)
 
 Tokens are bytes (vocab 256, the size of the tiny presets), so no tokenizer is needed. The default corpus,
 apps/data/fables.txt, is original text dedicated to the public domain (CC0). Every --ckpt-every steps a DCP
