@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
     resume_state = read_checkpoint(ckpt, args) if args.resume else None
-    print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
+    print(f"loading {args.checkpoint} ...", flush=True)
     model, tokenizer = load_pretrained(args.checkpoint)
     fmt = chat_format_for(tokenizer)
     n_layers = model.config.n_layers
