@@ -98,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with 2 threads, a steady 15 with 1")
     p.add_argument("--compile", action="store_true",
                    help=f"torch.compile the decode step: faster decoding, but the first answer waits while it "
-                        f"compiles (about {COMPILE_SECONDS} s on 2 CPU cores, approximately), and a chat again "
+                        f"compiles (roughly {COMPILE_SECONDS} s measured on 2 busy CPU cores), and a chat again "
                         "each time its cache outgrows a power of two (512, 1024 ... tokens; with --streaming only "
                         "once)")
     p.add_argument("--quantize", choices=list(QUANT),

@@ -200,4 +200,4 @@ def test_help_states_the_defaults_once():
     help_text = " ".join(out.stdout.split())
     assert "(default: the model family's own)" in help_text and "(default: None)" not in help_text
     assert "(default: 320)" in help_text and "(default: 1.0)" in help_text  # --max-new-tokens, --repetition-penalty
-    assert "--threads" in help_text and "compiles (about" in help_text
+    assert "--threads" in help_text and "compiles (roughly 60 s" in help_text
