@@ -73,6 +73,29 @@ def wheels(session: nox.Session) -> None:
         session.run("python", "-c", IMPORT_ALL.format(module=module))
 
 
+FIRST_SNIPPET = """
+from pathlib import Path
+from minllama.core.tutorial import python_blocks
+exec(python_blocks(Path({readme!r}))[0])
+"""
+
+
+@nox.session(name="install")
+def install_from_a_clone(session: nox.Session) -> None:
+    """The root README's way in works as written: in a fresh environment, the README's `pip install ./packages/...`
+    line (the packages from the checkout, not editable, and nothing else: no test group, no workspace), then its
+    first Python snippet, run outside the source tree. Dependencies are pinned to uv.lock (as in every session), so
+    they come from uv's cache: well under a minute."""
+    readme = ROOT / "README.md"
+    command = next(line for line in readme.read_text().splitlines() if line.startswith("pip install ./packages/"))
+    pins = Path(session.create_tmp()) / "pins.txt"
+    session.run_install("uv", "export", "--frozen", "--all-packages", "--no-dev", "--no-emit-workspace",
+                        "--no-hashes", "--quiet", "-o", str(pins), external=True)
+    session.install("-c", str(pins), *command.split("#")[0].split()[2:])  # uv pip: pip's command, uv's cache
+    session.chdir(session.create_tmp())  # imports must come from the installed packages, not from ROOT
+    session.run("python", "-c", FIRST_SNIPPET.format(readme=str(readme)))
+
+
 @nox.session
 def apps(session: nox.Session) -> None:
     """Smoke tests of the programs in apps/ (they may combine every package)."""

@@ -2,11 +2,14 @@
 
     uv run apps/bench.py                 # SmolLM2-135M-Instruct, fp32, eager and compiled, both implementations
     uv run apps/bench.py --no-compile    # eager only (compiling takes minutes on a small CPU)
+    uv run apps/bench.py --no-compile --runs 1 --prompt-len 16 --new-tokens 4    # a smoke run
     uv run apps/bench.py --no-hf --baseline ../old-checkout   # before/after rows: another checkout (its own .venv)
 
 Each measurement runs in its own process so that its peak memory (max RSS on the CPU, max allocated on CUDA) is
 its own. Prefill: one forward over a --prompt-len token prompt. Decode: batch 1, --new-tokens greedy tokens, timed
-from the first generated token to the last (so prefill is not counted).
+from the first generated token to the last (so prefill is not counted). Every configuration is measured --runs
+times, the implementations in turn; the comparison uses each one's best run, and says when the machine looked busy
+(a load average above its number of cores).
 """
 from __future__ import annotations
 
@@ -150,12 +153,50 @@ def run_worker(args, what: str, checkout: str | None = None) -> dict:
     return json.loads(line[7:]) if line else {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:120]}
 
 
+def best(rows: list[dict], key: str) -> float | None:
+    """The best (highest) value of ``key`` over the runs that succeeded: on a shared machine, other processes only
+    ever slow a run down, so the fastest run is the one that was disturbed least."""
+    values = [r[key] for r in rows if key in r]
+    return max(values) if values else None
+
+
+def conclusion(results: dict, mode: str, other: str = "transformers", label: str = "transformers") -> str | None:
+    """The comparison line of one mode, from the best of each implementation's runs, with the spread of the ratio
+    over the runs (run i of one implementation against run i of the other: the two ran at about the same time)."""
+    ours, theirs = results.get(("minllama", mode), []), results.get((other, mode), [])
+    if best(ours, "decode_tok_s") is None or best(theirs, "decode_tok_s") is None:
+        return None
+    decode = best(ours, "decode_tok_s") / best(theirs, "decode_tok_s")
+    prefill = best(ours, "prefill_tok_s") / best(theirs, "prefill_tok_s")
+    line = f"{mode}: MinimalLlama decodes {decode:.2f}x and prefills {prefill:.2f}x as fast as {label}"
+    paired = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(ours, theirs)
+              if "decode_tok_s" in a and "decode_tok_s" in b]
+    n = max(len(ours), len(theirs))
+    if len(paired) > 1:
+        line += (f" (best of {n} runs each; decode ratio per run {min(paired):.2f}-{max(paired):.2f}, "
+                 f"median {statistics.median(paired):.2f})")
+    return line + (" (one run each: pass --runs 3 for a steadier figure)" if n == 1 else "")
+
+
+def busy_note(loads: list[float], cores: int) -> str | None:
+    """A warning when the 1-minute load average exceeded the number of cores at any check: other processes then
+    compete for the CPU, and every figure is low and noisy (the ratios less so: both sides suffer)."""
+    if max(loads) <= cores:
+        return None
+    return (f"warning: the machine looked busy (load average {', '.join(f'{x:.1f}' for x in loads)} during the "
+            f"runs, on {cores} cores): the figures are low and noisy; the comparison uses each side's best run")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prompt-len", type=int, default=512, help="tokens of the (random) prompt that prefill reads")
+    p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated in the decode measurement")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where both models run: cpu, cuda, cuda:1 ...")
+    p.add_argument("--runs", type=int, default=3,
+                   help="measure each configuration this many times (fresh processes, the implementations in "
+                        "turn); the comparison uses each one's best run")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--baseline", help="another checkout of this repository (with its .venv): its MinimalLlama is "
@@ -166,39 +207,36 @@ def main() -> None:
         return worker(args)
 
     impls = ["minllama"] + (["minllama@baseline"] if args.baseline else []) + ([] if args.no_hf else ["transformers"])
-    runs = [(impl, mode) for mode in (["eager"] if args.no_compile else ["eager", "compiled"]) for impl in impls]
-    load = os.getloadavg()[0]
+    configs = [(impl, mode) for mode in (["eager"] if args.no_compile else ["eager", "compiled"]) for impl in impls]
+    loads, cores = [os.getloadavg()[0]], os.cpu_count() or 1
     print(f"{MODEL}, fp32, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"prefill {args.prompt_len} tokens, decode {args.new_tokens} tokens at batch 1")
-    if load > 0.5:
-        print(f"warning: the machine was busy when the benchmark started (load average {load:.1f}): "
-              f"figures may be low")
-    header = f"{'implementation':<17} {'mode':<9} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} " \
-             f"{'peak MB':>8} {'warm-up s':>9}"
+          f"prefill {args.prompt_len} tokens, decode {args.new_tokens} tokens at batch 1; {args.runs} run(s) each; "
+          f"load average {loads[0]:.1f} on {cores} cores")
+    header = f"{'implementation':<17} {'mode':<9} {'run':>3} {'load s':>7} {'prefill tok/s':>14} " \
+             f"{'decode tok/s':>13} {'peak MB':>8} {'warm-up s':>9}"
     print(header + "\n" + "-" * len(header))
-    results = {}
-    for impl, mode in runs:
-        baseline = impl.endswith("@baseline")
-        results[impl, mode] = r = run_worker(args, f"{impl.removesuffix('@baseline')}:{mode}",
-                                             args.baseline if baseline else None)
-        if "error" in r:
-            print(f"{impl:<17} {mode:<9} failed: {r['error']}")
-        else:
-            print(f"{impl:<17} {mode:<9} {r['load_s']:>7.1f} {r['prefill_tok_s']:>14.0f} {r['decode_tok_s']:>13.1f} "
-                  f"{r['peak_mb']:>8.0f} {r['warmup_s']:>9.1f}", flush=True)
+    results: dict = {c: [] for c in configs}
+    for run in range(1, max(args.runs, 1) + 1):
+        for impl, mode in configs:
+            checkout = args.baseline if impl.endswith("@baseline") else None
+            r = run_worker(args, f"{impl.removesuffix('@baseline')}:{mode}", checkout)
+            results[impl, mode].append(r)
+            if "error" in r:
+                print(f"{impl:<17} {mode:<9} {run:>3} failed: {r['error']}")
+            else:
+                print(f"{impl:<17} {mode:<9} {run:>3} {r['load_s']:>7.1f} {r['prefill_tok_s']:>14.0f} "
+                      f"{r['decode_tok_s']:>13.1f} {r['peak_mb']:>8.0f} {r['warmup_s']:>9.1f}", flush=True)
+        loads.append(os.getloadavg()[0])
     bound = run_worker(args, "minllama:bound")
     if "error" not in bound:
         print(f"memory-bandwidth bound: the {bound['gb']:.2f} GB of weight matrices read once per token at "
               f"{bound['gb_s']:.1f} GB/s -> at most {bound['decode_tok_s']:.1f} decode tok/s")
     for mode in ("eager", "compiled"):
-        now, before = results.get(("minllama", mode), {}), results.get(("minllama@baseline", mode), {})
-        if "decode_tok_s" in now and "decode_tok_s" in before:
-            print(f"{mode}: this checkout decodes {now['decode_tok_s'] / before['decode_tok_s']:.2f}x and prefills "
-                  f"{now['prefill_tok_s'] / before['prefill_tok_s']:.2f}x as fast as the baseline")
-        ours, theirs = results.get(("minllama", mode), {}), results.get(("transformers", mode), {})
-        if "decode_tok_s" in ours and "decode_tok_s" in theirs:
-            print(f"{mode}: MinimalLlama decodes {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x and prefills "
-                  f"{ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x as fast as transformers")
+        for other, label in (("minllama@baseline", "the baseline checkout"), ("transformers", "transformers")):
+            if line := conclusion(results, mode, other, label):
+                print(line)
+    if note := busy_note(loads, cores):
+        print(note)
 
 
 if __name__ == "__main__":

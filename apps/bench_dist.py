@@ -1,7 +1,7 @@
 """Per-rank memory and step time of data-parallel training: unsharded (DDP) vs FSDP2, with and without prefetch.
 
-    python apps/bench_dist.py                 # 2 ranks on this machine: GPUs (NCCL) if there are 2, else CPU (gloo)
-    python apps/bench_dist.py --dim 1024 --layers 12 --nproc 4
+    uv run apps/bench_dist.py                 # 2 ranks on this machine: GPUs (NCCL) if there are 2, else CPU (gloo)
+    uv run apps/bench_dist.py --dim 1024 --layers 12 --nproc 4
 
 Each configuration runs in fresh processes (so the peak memory of one cannot hide in another's) and reports, per
 rank: bytes of parameters, gradients and optimizer state actually held, the peak memory over the warm-up steps

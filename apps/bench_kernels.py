@@ -3,7 +3,7 @@
     uv run apps/bench_kernels.py                    # every kernel at Llama-3-8B and SmolLM2 shapes, bf16, + training
     uv run apps/bench_kernels.py --no-compile       # skip torch.compile (compiling takes a while)
     uv run apps/bench_kernels.py --no-train         # kernels only
-    TRITON_INTERPRET=1 uv run apps/bench_kernels.py --smoke   # tiny shapes on the CPU: checks the script, no figures
+    uv run apps/bench_kernels.py --smoke            # tiny shapes: checks the script (on a CPU: in Triton's interpreter)
 
 Per kernel: median time of the forward, and of forward + backward, and the peak memory *added* by forward + backward
 (torch.cuda.max_memory_allocated above what was allocated before). Then one full training step (forward, backward,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -212,14 +213,21 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     p.add_argument("--no-train", dest="train", action="store_false", help="skip the training step")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes, fp32, on the CPU under TRITON_INTERPRET=1: checks that the script runs")
+                   help="tiny shapes, fp32: checks that the script runs (on the GPU if there is one, else on the "
+                        "CPU in Triton's interpreter, TRITON_INTERPRET=1, which it sets itself)")
     args = p.parse_args(argv)
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if args.smoke:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            print("--smoke runs the kernels in Triton's CPU interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
-            return 2
+        if not interpret and not torch.cuda.is_available():
+            # Triton reads TRITON_INTERPRET once, when it is imported: start again with the variable set
+            print("no GPU: running the kernels in Triton's CPU interpreter (TRITON_INTERPRET=1)", file=sys.stderr,
+                  flush=True)
+            script_args = sys.argv[1:] if argv is None else list(argv)
+            return subprocess.call([sys.executable, os.path.abspath(__file__), *script_args],
+                                   env={**os.environ, "TRITON_INTERPRET": "1"})
         args.tokens, args.batch, args.seq, args.repeat, args.compile = 8, 2, 4, 1, False
-        device, dtype = torch.device("cpu"), torch.float32
+        device = torch.device("cpu") if interpret else torch.device("cuda")
+        dtype = torch.float32
     elif not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA GPU: the Triton kernels run natively only there (on the CPU they run "
               "in Triton's interpreter, which is for testing, not timing). Nothing measured.")

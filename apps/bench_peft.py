@@ -16,12 +16,17 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from minllama.core import load_pretrained, save_hf
 from minllama.peft import LoraConfig, adapter_parameters, apply_lora, trainable_parameter_count
+
+# peft calls transformers' deprecated `is_gradient_checkpointing` ("... will be removed in v6"): a warning for the
+# two libraries' authors, not for a reader of this benchmark (which never touches it)
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
 HF_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
             "w3": "up_proj"}

@@ -14,6 +14,7 @@ load average is printed: the machine may be shared.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import tempfile
 import time
@@ -25,6 +26,10 @@ from minllama.core.checkpoint import load_pretrained
 from minllama.core.generate import generate_stream
 from minllama.quant import load_gguf_quantized, load_quantized, model_bytes, prepare, quantize, save_quantized
 from minllama.quant.perplexity import heldout_text, perplexity
+
+# a CUDA build of torch on a machine without CUDA logs "No CUDA runtime is found, using CUDA_HOME=..." when it first
+# compiles (Inductor compiles C++ for the CPU, which needs no CUDA): harmless, so it is silenced, as in chat.py
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 MODEL = "smollm2-135m-instruct"
 ROWS = {  # name -> how to build it: ("float", dtype) | ("scheme", scheme, options) | ("gguf",)

@@ -4,14 +4,18 @@
     uv run apps/chat.py --prompt "What is the capital of France?" --temperature 0
     uv run apps/chat.py --checkpoint path/to/hf-or-meta-dir-or.gguf
     uv run apps/chat.py --quantize int8 --compile         # 8-bit weights + a compiled decode step: ~3x the tokens/s
+                                                          # (the first answer waits ~1 min for the compiler)
 
-In the interactive chat, /reset forgets the conversation and /quit (or Ctrl-D) leaves.
+In the interactive chat, /reset forgets the conversation and /quit (or Ctrl-D) leaves. Ctrl-C during an answer
+stops it and keeps what was said so far as the assistant's turn (the next message continues the conversation from
+there); Ctrl-C at the prompt leaves.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import math
+import signal
 import sys
 import time
 
@@ -27,11 +31,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # the output head at 8 bits, as llama.cpp does: +0.04% perplexity instead of +7.8% (minllama-quant README, 10)
 QUANT = {"int8": ("int8", {}), "int4": ("int4", {"group_size": 32, "head": "int8"}), "nf4": ("nf4", {}),
          "fp8": ("fp8", {}), "q8_0": ("q8_0", {}), "q4_0": ("q4_0", {}), "q4_1": ("q4_1", {})}
+COMPILE_SECONDS = 60  # measured: SmolLM2-135M's first compiled decode step on 2 shared CPU cores (approximate)
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and status 2, like every other error of this app (argparse adds the usage)
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each option's help, except where there is no value to show (no default,
+    a flag) or the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def checked(convert, ok, what):
@@ -47,8 +62,9 @@ def checked(convert, ok, what):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(description="Chat with a Llama model (MinimalLlama).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Chat with a Llama model (MinimalLlama). In the chat: /reset starts over, /quit or "
+                           "Ctrl-D leaves; Ctrl-C stops an answer (what it said so far stays in the conversation), "
+                           "and Ctrl-C at the prompt leaves.", formatter_class=Help)
     p.add_argument("--checkpoint", default="smollm2-135m-instruct",
                    help="a known name, a .gguf file, an HF directory (config.json + safetensors) "
                         "or a Meta directory (params.json + consolidated.*.pth)")
@@ -58,17 +74,32 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                "a finite number >= 0"),
                    default=0.2, help="0 = greedy decoding")
     p.add_argument("--top-k", type=checked(int, lambda k: k >= 0, "an integer >= 0"), default=None,
-                   help="sample only among the k most likely tokens (0: all)")
+                   help="sample only among the k most likely tokens (0 or unset: no limit)")
     p.add_argument("--top-p", type=checked(float, lambda q: 0 < q <= 1, "a number in (0, 1]"), default=0.9,
                    help="sample only among the tokens that make up p of the mass")
-    p.add_argument("--max-new-tokens", type=checked(int, lambda n: n >= 1, "an integer >= 1"), default=512,
-                   help="answer length limit, in tokens")
+    p.add_argument("--repetition-penalty", type=checked(float, lambda r: math.isfinite(r) and r > 0,
+                                                        "a finite number > 0"), default=1.0,
+                   help="make every token already in the conversation less likely (CTRL's penalty, as in "
+                        "transformers: positive logits are divided by it, negative ones multiplied); 1 = off. On "
+                        "SmolLM2-135M (seed 0), 1.1 ended an answer that looped at 1.0; 1.2 ended a looping poem but "
+                        "turned longer answers into babble")
+    p.add_argument("--max-new-tokens", type=checked(int, lambda n: n >= 1, "an integer >= 1"), default=320,
+                   help="answer length limit, in tokens. SmolLM2-135M's answers that ended by themselves "
+                        "took 179-279 tokens (4 prompts, seed 0); one that loops runs to the limit")
     p.add_argument("--seed", type=checked(int, lambda n: 0 <= n < 2**64, "an integer in [0, 2**64)"), default=None,
                    help="random seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (auto: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weight dtype (auto: bfloat16 on cuda, float32 elsewhere)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster decode)")
+    p.add_argument("--threads", type=checked(int, lambda n: n >= 1, "an integer >= 1"), default=None,
+                   help=f"CPU threads (default: torch's, one per core: {torch.get_num_threads()} here). On a busy "
+                        "machine fewer can be faster: SmolLM2-135M on 2 cores shared at load 4 decoded 2-25 tok/s "
+                        "with 2 threads, a steady 15 with 1")
+    p.add_argument("--compile", action="store_true",
+                   help=f"torch.compile the decode step: faster decoding, but the first answer waits while it "
+                        f"compiles (roughly {COMPILE_SECONDS} s measured on 2 busy CPU cores), and a chat again "
+                        "each time its cache outgrows a power of two (512, 1024 ... tokens; with --streaming only "
+                        "once)")
     p.add_argument("--quantize", choices=list(QUANT),
                    help="quantize the weights after loading (minllama-quant): fewer bytes per token, so faster "
                         "decoding where memory is the limit (int8 and int4 cost < 0.2%% perplexity on SmolLM2; "
@@ -112,24 +143,100 @@ def utf8_problem(option: str, text: str | None) -> str | None:
     return None
 
 
-def answer(model, tokenizer, fmt, messages, args, generator) -> str:
-    """Stream one assistant answer to stdout, print its speed to stderr, and return its text."""
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019), defined as transformers' RepetitionPenaltyLogitsProcessor:
+    the logit of every token already in the context (``seen``, a boolean mask over the vocabulary) is divided by
+    ``penalty`` where it is positive and multiplied by it where it is negative, so a penalty > 1 always makes a
+    seen token less likely, whatever the sign of its logit."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+class RepetitionPenalty:
+    """Applies ``penalize_repetition`` to every logit the model returns, through a forward hook: core's decode loop
+    (compiled or not, any cache) samples from penalized logits without knowing about it. The context is ``seen``:
+    ``start`` sets it to the whole prompt before an answer, and every forward adds the tokens it is fed (the
+    answer's tokens, one per decode step). Every position of a forward is penalized by the whole context; only the
+    last one is sampled from."""
+
+    def __init__(self, model: torch.nn.Module, penalty: float):
+        self.penalty = penalty
+        self.seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=model.rope.device)
+        self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def start(self, context: list[int]) -> None:
+        self.seen.zero_()  # in place: a compiled decode step keeps reading the same tensor
+        self.seen[torch.tensor(context, dtype=torch.long, device=self.seen.device)] = True
+
+    def _hook(self, module, args, kwargs, logits):
+        tokens = args[0] if args else kwargs["tokens"]
+        self.seen[tokens.reshape(-1)] = True
+        return penalize_repetition(logits, self.seen, self.penalty)
+
+
+class CtrlC:
+    """While active, the first Ctrl-C (SIGINT) only raises a flag, which the answer loop reads between tokens: the
+    generation stops at a clean point (the KV cache and a --streaming session stay consistent) instead of dying in
+    a KeyboardInterrupt wherever it was. A second Ctrl-C before the answer stops (a slow first compile, a long
+    prompt) is an ordinary KeyboardInterrupt. The previous handler comes back on exit."""
+
+    def __enter__(self):
+        self.pressed = False
+        self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+class NoCtrlC:  # --prompt: Ctrl-C ends the program (main returns 130 without a traceback)
+    pressed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def answer(model, tokenizer, fmt, messages, args, generator, interruptible: bool = False) -> str:
+    """Stream one assistant answer to stdout, print its speed to stderr, and return its text. With
+    ``interruptible``, Ctrl-C stops the answer and what was generated so far is returned."""
     prompt = fmt.encode_dialog(tokenizer, messages)
+    if args.penalty is not None:
+        args.penalty.start(prompt)
+    if args.compile and not args.compiled:
+        print(f"(compiling the decode step: about {COMPILE_SECONDS} s, once...)", file=sys.stderr, flush=True)
+        args.compiled = True
     token_times: list[float] = []
     start, pieces = time.perf_counter(), []
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
                     on_token=lambda _: token_times.append(time.perf_counter()))
     # One cache for the whole conversation, so each turn prefills only its new tokens: a static cache that grows,
     # or with --streaming a rolling one. Both run the model's own forward through core's decode loop.
-    for piece in args.session.stream_text(tokenizer, prompt, args.max_new_tokens, compile=args.compile, **sampling):
-        print(piece, end="", flush=True)
-        pieces.append(piece)
+    with (CtrlC() if interruptible else NoCtrlC()) as ctrl_c:
+        stream = args.session.stream_text(tokenizer, prompt, args.max_new_tokens, compile=args.compile, **sampling)
+        try:
+            for piece in stream:
+                print(piece, end="", flush=True)
+                pieces.append(piece)
+                if ctrl_c.pressed:
+                    break
+        finally:
+            stream.close()  # the session records what its cache holds
+    if ctrl_c.pressed:
+        print("\n(stopped: the answer so far stays in the conversation; Ctrl-C at the prompt leaves)",
+              file=sys.stderr, end="")
     n = len(token_times)
     if n:  # the first token comes out of the prefill; the rest are decode steps
         first = 1 if args.compile and n > 2 else 0  # the first compiled decode step may include compiling
         decode = (n - 1 - first) / (token_times[-1] - token_times[first]) if n > 1 else float("nan")
-        print(f"\n[{n} tokens, {decode:.1f} tok/s decode; prompt {len(prompt)} tokens, {args.session.last_prefill} "
-              f"of them new, prefilled in {token_times[0] - start:.2f} s]", file=sys.stderr)
+        print(f"\n[{n} tokens, {decode:.1f} tok/s decode; prompt {args.session.last_prefill} new tokens "
+              f"(of {len(prompt)}) in {token_times[0] - start:.2f} s]", file=sys.stderr)
     return "".join(pieces)
 
 
@@ -140,6 +247,8 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:
@@ -160,6 +269,8 @@ def main(argv=None) -> int:
     if args.compile:  # a CUDA build of torch on a machine without CUDA warns about it when it first compiles
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     fmt = chat_format_for(tokenizer)
+    args.penalty = RepetitionPenalty(model, args.repetition_penalty) if args.repetition_penalty != 1 else None
+    args.compiled = False  # the first compiled decode step is announced (it takes a while)
     args.session = (StreamingChat(model, n_sink=4, window=min(2044, model.config.max_seq_len - 4))
                     if args.streaming else ChatSession(model))
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
@@ -199,13 +310,17 @@ def main(argv=None) -> int:
             continue
         messages.append({"role": "user", "content": text})
         try:
-            reply = answer(model, tokenizer, fmt, messages, args, generator)
+            reply = answer(model, tokenizer, fmt, messages, args, generator, interruptible=True)
         except ValueError as e:  # the conversation outgrew the context window
             print(f"error: {e}", file=sys.stderr)
             messages.pop()
             continue
-        messages.append({"role": "assistant", "content": reply})
+        messages.append({"role": "assistant", "content": reply})  # all of it, or what came before Ctrl-C
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while loading, in --prompt mode, or twice during one answer: no traceback
+        print(file=sys.stderr)
+        sys.exit(130)

@@ -5,7 +5,7 @@ what sentiment is but answers in its own words ("Positive", "The sentiment is po
 attention of the top layers teaches it the format. Held-out reviews (about subjects never seen in training) are
 scored by exact match before and after.
 
-    uv run apps/finetune.py                       # defaults: a few minutes on a laptop CPU
+    uv run apps/finetune.py                       # defaults: under a minute on a CPU (44 s on 2 busy cores)
     uv run apps/finetune.py --out runs/sentiment --steps 60
     uv run apps/finetune.py --out runs/sentiment --steps 90 --resume    # continue from the last checkpoint
 
@@ -94,15 +94,19 @@ def answer_loss(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, fmt, data, batch_size: int = 16) -> tuple[float, list[str]]:
+def evaluate(model, tokenizer, fmt, data, batch_size: int = 16, desc: str = "evaluate") -> tuple[float, list[str]]:
     """Exact-match accuracy (the answer is the label and nothing else) and the answers."""
+    from tqdm import tqdm
+
     model.eval()
     answers = []
-    for i in range(0, len(data), batch_size):
-        chunk = data[i:i + batch_size]
-        prompts = [prompt_ids(tokenizer, fmt, review) for review, _ in chunk]
-        out = generate(model, prompts, max_new_tokens=8, stop_ids=tokenizer.stop_ids)
-        answers += [tokenizer.decode([t for t in o if t not in tokenizer.stop_ids]).strip() for o in out]
+    with tqdm(total=len(data), desc=desc, unit="review", leave=False) as bar:
+        for i in range(0, len(data), batch_size):
+            chunk = data[i:i + batch_size]
+            prompts = [prompt_ids(tokenizer, fmt, review) for review, _ in chunk]
+            out = generate(model, prompts, max_new_tokens=8, stop_ids=tokenizer.stop_ids)
+            answers += [tokenizer.decode([t for t in o if t not in tokenizer.stop_ids]).strip() for o in out]
+            bar.update(len(chunk))
     correct = sum(a == label for a, (_, label) in zip(answers, data))
     return correct / max(len(data), 1), answers
 
@@ -178,7 +182,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=10, help="write checkpoint.pt every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: PyTorch's default, one per core). Measured on 2 cores shared at load "
+                        "4, a smoke run (3 steps, 32 reviews scored twice) took 28 s with 1 thread and 79 s with 2: "
+                        "more threads pay only on an idle machine")
     return p.parse_args(argv)
 
 
@@ -193,6 +200,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
     resume_state = read_checkpoint(ckpt, args) if args.resume else None
+    print(f"loading {args.checkpoint} ...", flush=True)
     model, tokenizer = load_pretrained(args.checkpoint)
     fmt = chat_format_for(tokenizer)
     n_layers = model.config.n_layers
@@ -213,7 +221,8 @@ def main(argv=None) -> int:
     results = json.loads(results_file.read_text()) if args.resume and results_file.is_file() else {}
     if "accuracy_before" not in results:
         with disabled_adapters(model):  # the base model (B = 0 at init anyway)
-            results["accuracy_before"], results["answers_before"] = evaluate(model, tokenizer, fmt, held_out)
+            results["accuracy_before"], results["answers_before"] = evaluate(model, tokenizer, fmt, held_out,
+                                                                             desc="held-out, before")
         print(f"held-out exact-match accuracy before: {results['accuracy_before']:.0%}")
         results_file.write_text(json.dumps(results, indent=2) + "\n")  # a resumed run need not evaluate again
 
@@ -243,7 +252,8 @@ def main(argv=None) -> int:
         w.writerows(log)
     if log:
         plot_loss(log, out / "loss.png")
-    results["accuracy_after"], results["answers_after"] = evaluate(model, tokenizer, fmt, held_out)
+    results["accuracy_after"], results["answers_after"] = evaluate(model, tokenizer, fmt, held_out,
+                                                                   desc="held-out, after")
     results.update(steps=args.steps, train_seconds_this_run=round(train_s, 1), trainable_params=trainable,
                    total_params=total, final_loss=log[-1]["loss"] if log else None)
     results_file.write_text(json.dumps(results, indent=2) + "\n")

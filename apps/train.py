@@ -1,14 +1,16 @@
 """Pretrain a tiny MinimalLlama from scratch on a small text, on one process or many (FSDP2), with checkpoints.
 
-    python apps/train.py --steps 300                                    # one process (GPU if there is one)
-    torchrun --standalone --nproc-per-node 2 apps/train.py --steps 300  # 2 processes, the model sharded (FSDP2)
-    MINLLAMA_DEVICE=cpu torchrun --standalone --nproc-per-node 2 apps/train.py   # 2 CPU processes (gloo)
+    uv run apps/train.py --steps 300                                           # one process (GPU if there is one)
+    uv run torchrun --standalone --nproc-per-node 2 apps/train.py --steps 300  # 2 processes, sharded (FSDP2)
+    MINLLAMA_DEVICE=cpu uv run torchrun --standalone --nproc-per-node 2 apps/train.py   # 2 CPU processes (gloo)
 
 Tokens are bytes (vocab 256, the size of the tiny presets), so no tokenizer is needed. The default corpus,
 apps/data/fables.txt, is original text dedicated to the public domain (CC0). Every --ckpt-every steps a DCP
 checkpoint is written to OUT/checkpoints/ (atomically; the newest --keep are kept). Running the same command again
 resumes from the latest checkpoint: same data order, same RNG, so the loss curve continues exactly as if the run
-had never stopped. OUT/loss.csv holds the loss of every step; samples of generated text are printed.
+had never stopped; a checkpoint made with other settings (model, corpus, seed, batch, window, learning rate) is
+refused, so two runs cannot share an --out by accident. OUT/loss.csv holds the loss of every step; samples of
+generated text are printed.
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ import torch.distributed as dist
 
 from minllama.core import CheckpointError, LlamaConfig
 from minllama.core.config import PRESETS
-from minllama.dist import (CheckpointManager, TokenBatches, apply_fsdp, data_parallel_mesh, dcp_to_hf,
-                           init_distributed, init_from_rank0, materialize, meta_model, shutdown, train_step)
+from minllama.dist import (CheckpointManager, TokenBatches, apply_fsdp, check_checkpoint, data_parallel_mesh,
+                           dcp_to_hf, init_distributed, init_from_rank0, materialize, meta_model, shutdown,
+                           train_step)
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "fables.txt"
 
@@ -49,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in OUT (start over)")
     p.add_argument("--export-hf", type=Path, help="at the end, also write the model as an HF directory here")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per process (default 1: measured on 2 shared cores, the tiny default model "
+                        "trains no faster with 2, and 2 ranks x 2 threads oversubscribe them)")
     p.add_argument("--crash-at-step", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL self after that step
     return p.parse_args(argv)
 
@@ -85,6 +91,7 @@ def main(argv=None) -> int:
         sys.exit(f"error: --seq-len {args.seq_len} exceeds the context of {args.config} ({cfg.max_seq_len})")
     if not args.corpus.is_file():
         sys.exit(f"error: --corpus {args.corpus}: no such file")
+    torch.set_num_threads(max(args.threads, 1))
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.batch_size % world:
@@ -105,17 +112,25 @@ def main(argv=None) -> int:
     manager = CheckpointManager(args.out / "checkpoints", keep=args.keep, async_save=args.async_save)
     loss_log = args.out / "loss.csv"
     start = 0
-    try:
+    # what a resumed run must share with the checkpoint: the data position counts batches of one corpus, shape and
+    # order, and the optimizer state brings its learning rate back (a new --lr would be silently ignored)
+    run_shape = {"seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+                 "corpus": f"{args.corpus.name}, {data.tokens.numel()} bytes"}
+    try:  # every rank reaches the same verdict (the checks read only the shared filesystem)
+        if not args.fresh and manager.latest() is not None:
+            saved = check_checkpoint(manager.latest())
+            changed = {k: (saved[k], v) for k, v in run_shape.items() if k in saved and saved[k] != v}
+            if changed:  # (another --config: load_latest refuses it below, "holds another model")
+                sys.exit(f"error: {args.out} holds a run with other settings, {changed} (checkpoint, now): "
+                         f"resume it with the same options, give this run its own --out, or start over with --fresh")
         state = None if args.fresh else manager.load_latest(model, optimizer)
-    except CheckpointError as e:  # every rank raises the same error (the check reads only the shared filesystem)
-        sys.exit(f"error: {e} (or start over with --fresh)")
-    run_shape = {"seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len}
+    except CheckpointError as e:
+        sys.exit(f"error: {e} (give this run its own --out, or start over with --fresh)")
     if state is not None:
-        changed = {k: (state.get(k), v) for k, v in run_shape.items() if state.get(k) != v}
-        if changed:  # the data position counts batches of one shape and order: it means nothing for another
-            sys.exit(f"error: {manager.latest()} was trained with other data settings {changed} (checkpoint, now): "
-                     f"resume with the same --seed/--batch-size/--seq-len, or start over with --fresh")
         start, data.position = state["step"], state["data_position"]
+        if main_rank and start >= args.steps:
+            print(f"{manager.latest()} is already at step {start} (--steps {args.steps}): nothing to train; pass "
+                  f"more --steps to go on, or --fresh to start over", file=sys.stderr)
         if main_rank:
             print(f"resumed from {manager.latest()} (step {start})", file=sys.stderr)
     if main_rank:  # the loss log continues from the checkpoint: drop the rows of steps that are being redone

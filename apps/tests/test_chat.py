@@ -60,7 +60,26 @@ def test_chat_help_documents_every_option():
 
 
 def test_bench_runs_and_compares():
-    out = run(APPS / "bench.py", "--no-compile", "--prompt-len", "16", "--new-tokens", "4")
+    out = run(APPS / "bench.py", "--no-compile", "--runs", "1", "--prompt-len", "16", "--new-tokens", "4")
     assert out.returncode == 0, out.stderr
     assert "failed" not in out.stdout, out.stdout
-    assert "as fast as transformers" in out.stdout
+    assert "as fast as transformers" in out.stdout and "one run each" in out.stdout
+
+
+def test_bench_compares_each_sides_best_run_and_says_when_the_machine_was_busy():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_app", APPS / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ours = [{"decode_tok_s": 20.0, "prefill_tok_s": 500.0}, {"error": "killed"}, {"decode_tok_s": 30.0,
+                                                                                "prefill_tok_s": 400.0}]
+    theirs = [{"decode_tok_s": 10.0, "prefill_tok_s": 250.0}, {"decode_tok_s": 25.0, "prefill_tok_s": 200.0},
+              {"decode_tok_s": 24.0, "prefill_tok_s": 100.0}]
+    line = bench.conclusion({("minllama", "eager"): ours, ("transformers", "eager"): theirs}, "eager")
+    # best decode 30 / 25, best prefill 500 / 250; per-run ratios 2.0 and 1.25 (the failed run is left out)
+    assert line.startswith("eager: MinimalLlama decodes 1.20x and prefills 2.00x as fast as transformers"), line
+    assert "best of 3 runs each; decode ratio per run 1.25-2.00, median 1.62" in line
+    assert bench.conclusion({("minllama", "eager"): ours}, "eager") is None  # nothing to compare with
+    assert bench.busy_note([1.5, 1.9], cores=2) is None
+    assert "looked busy (load average 1.5, 4.2 during the runs, on 2 cores)" in bench.busy_note([1.5, 4.2], 2)

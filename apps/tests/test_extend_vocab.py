@@ -18,3 +18,4 @@ def test_extend_vocab_quick_run_keeps_old_logits_and_reloads(tmp_path):
     assert results["new_tokens"] == 16 and results["old_logits_bit_identical"] and results["reloaded"]
     assert results["held_out_tokens_after"] <= results["held_out_tokens_before"]
     assert (tmp_path / "extended" / "tokenizer.json").is_file()
+    assert "learning 16 new tokens" in out.stdout and "finetuning the new rows" in out.stderr  # the long phases

@@ -34,6 +34,7 @@ def test_finetune_runs_saves_everything_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr
     assert "held-out exact-match accuracy: before" in first.stdout
     assert "finetune" in first.stderr  # the tqdm progress bar
+    assert "held-out, before" in first.stderr and "held-out, after" in first.stderr  # the evaluations' bars
     for name in ["loss.csv", "loss.png", "samples.txt", "results.json", "checkpoint.pt",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"]:
         assert (out_dir / name).is_file(), name

@@ -40,8 +40,17 @@ def test_train_two_ranks_killed_and_resumed_match_one_unbroken_process(tmp_path)
     # sharded over 2 ranks, killed and resumed == one process, never interrupted
     assert losses(tmp_path / "two") == pytest.approx(unbroken, abs=1e-5)
 
-    other = train(*SMALL[:-2], "--batch-size", "2", "--out", str(tmp_path / "two"))  # data settings changed
-    assert other.returncode != 0 and "resume with the same --seed/--batch-size/--seq-len" in other.stderr
+    # a run with other settings in the same --out is refused, before anything is loaded or written
+    for change, word in [(["--batch-size", "2"], "batch_size"), (["--lr", "1e-3"], "'lr'"),
+                         (["--corpus", str(APPS / "README.md")], "corpus"), (["--seed", "1"], "seed")]:
+        other = train(*SMALL[:-2], *change, "--out", str(tmp_path / "two"))
+        assert other.returncode != 0 and "holds a run with other settings" in other.stderr, other.stderr
+        assert word in other.stderr and "its own --out" in other.stderr and "Traceback" not in other.stderr
+    other = train(*SMALL, "--config", "tiny-mha", "--out", str(tmp_path / "two"))  # another model
+    assert other.returncode != 0 and "holds another model" in other.stderr and "Traceback" not in other.stderr
+    assert len(losses(tmp_path / "two")) == 6  # untouched
+    again = train(*SMALL, "--out", str(tmp_path / "two"))  # the same command once more: says there is nothing to do
+    assert again.returncode == 0 and "already at step 6" in again.stderr, again.stderr
 
     from minllama.core import load_pretrained  # the exported model loads in core
     model, _ = load_pretrained(tmp_path / "hf")
