@@ -151,10 +151,12 @@ def generate_stream(model: MinimalLlama, prompts: Sequence[Sequence[int]], max_n
                           top_p=top_p, pad_id=pad_id)
     lengths = [len(p) for p in prompts]
     T, B = max(lengths), len(prompts)
+    held = 0 if cache is None else cache.length  # tokens a caller's cache already holds (earlier turns)
+    bounded = cache is None or cache.room(cfg.max_seq_len + 1) <= cfg.max_seq_len  # a rolling cache is not
+    if bounded and held + T >= cfg.max_seq_len:
+        raise ValueError(f"the prompt has {held + T} tokens but the model's context is {cfg.max_seq_len}: "
+                         f"shorten the prompt (or reset the conversation) to leave room for an answer")
     if cache is None:
-        if T >= cfg.max_seq_len:
-            raise ValueError(f"the prompt has {T} tokens but the model's context is {cfg.max_seq_len}: "
-                             f"shorten the prompt (or reset the conversation) to leave room for an answer")
         cache = StaticKVCache(model, B, min(_cache_bucket(T + int(max_new_tokens)), cfg.max_seq_len))
     elif cache.room(T + 1) < T + 1:
         raise ValueError(f"the prompt has {T} tokens but the cache has room for {cache.room(T + 1)} more: "
