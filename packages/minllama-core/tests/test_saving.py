@@ -12,6 +12,7 @@ import torch
 from core_helpers import tiny_model
 from minllama.core import saving
 from minllama.core.checkpoint import CheckpointError, load_pretrained, save_hf, save_meta
+from minllama.core.testing import kill_during
 
 
 def same_weights(a, b) -> bool:
@@ -103,28 +104,7 @@ def test_a_new_folder_gets_the_usual_permissions(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- kill -9 tests
-def save_in_child(save, die_at_call: int | None = None) -> bool:
-    """Run ``save()`` in a forked child that SIGKILLs itself right before its ``die_at_call``-th file-system step
-    (rename, replace, unlink or fsync). Returns True if the child was killed, False if the save completed."""
-    pid = os.fork()
-    if pid == 0:  # the child: count the steps of the save, die at the chosen one
-        try:
-            calls = [0]
-
-            def step(real):
-                def wrapped(*args, **kwargs):
-                    calls[0] += 1
-                    if calls[0] == die_at_call:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return real(*args, **kwargs)
-                return wrapped
-
-            os.replace, os.rename, os.unlink, os.fsync = map(step, (os.replace, os.rename, os.unlink, os.fsync))
-            save()
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+save_in_child = kill_during  # run a save in a child that kills itself at its n-th file-system step
 
 
 def check_old_or_new(folder, old, new) -> str:

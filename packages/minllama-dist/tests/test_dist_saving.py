@@ -1,6 +1,7 @@
 """A DCP save never loses the last checkpoint: kill -9 at every file-system step of a re-save, and at random moments,
 leaves the old checkpoint or the new one, bit-exact (model and optimizer), and the next save removes what the kill
 left. One process without a process group (DCP's no_dist mode), forked."""
+import functools
 import os
 import random
 import shutil
@@ -13,6 +14,7 @@ import torch
 from dist_helpers import tiny_model
 from minllama.core import CheckpointError
 from minllama.core.saving import JOURNAL
+from minllama.core.testing import kill_during
 from minllama.dist import CheckpointManager, check_checkpoint, load_checkpoint, read_config, save_checkpoint
 
 TOKENS = torch.arange(24).view(2, 12)
@@ -55,29 +57,7 @@ def load_into_fresh(load) -> tuple[dict, dict]:
 FS_STEPS = ("replace", "rename", "unlink", "fsync", "rmdir", "mkdir")
 
 
-def in_child(work, die_at_call: int | None = None) -> bool:
-    """Run ``work()`` in a forked child that SIGKILLs itself right before its ``die_at_call``-th file-system step
-    (any of FS_STEPS, DCP's own writes included). True if the child was killed, False if ``work`` completed."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            calls = [0]
-
-            def step(real):
-                def wrapped(*args, **kwargs):
-                    calls[0] += 1
-                    if calls[0] == die_at_call:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return real(*args, **kwargs)
-                return wrapped
-
-            for name in FS_STEPS:
-                setattr(os, name, step(getattr(os, name)))
-            work()
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+in_child = functools.partial(kill_during, steps=FS_STEPS)  # DCP's own writes (mkdir, rmdir) count too
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 
 from minllama.core import saving
 from minllama.core.checkpoint import CheckpointError, load_pretrained, save_hf
+from minllama.core.testing import kill_during
 from minllama.quant import load_quantized, quantize, save_quantized
 from quant_helpers import tiny_model
 
@@ -76,28 +77,7 @@ def test_a_new_folder_gets_the_usual_permissions(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ kill -9 tests
-def save_in_child(save, die_at_call: int | None = None) -> bool:
-    """Run ``save()`` in a forked child that SIGKILLs itself right before its ``die_at_call``-th file-system step
-    (rename, replace, unlink or fsync). True if the child was killed, False if the save completed."""
-    pid = os.fork()
-    if pid == 0:  # the child: count the save's steps, die at the chosen one
-        try:
-            calls = [0]
-
-            def step(real):
-                def wrapped(*args, **kwargs):
-                    calls[0] += 1
-                    if calls[0] == die_at_call:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return real(*args, **kwargs)
-                return wrapped
-
-            os.replace, os.rename, os.unlink, os.fsync = map(step, (os.replace, os.rename, os.unlink, os.fsync))
-            save()
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+save_in_child = kill_during  # core's: a save in a child that kills itself at its n-th file-system step
 
 
 @pytest.mark.parametrize("old_scheme,new_scheme", [("int8", "int8"), ("int8", "int4")])
