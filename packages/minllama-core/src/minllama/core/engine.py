@@ -61,6 +61,7 @@ class _Sequence:
     fed: int = 0  # how many of ``tokens`` are in the cache
     generator: torch.Generator | None = None
     hashes: list[int] = field(default_factory=list)  # prefix hashes of its full blocks, computed once each
+    stop: frozenset[int] = frozenset()  # the request's stop ids, as a set once
 
     @property
     def prefilling(self) -> bool:  # the last token is fed by a decode step
@@ -105,7 +106,8 @@ class Engine:
         generator = None
         if request.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
-        self.waiting.append(_Sequence(request, list(request.prompt), generator=generator))
+        self.waiting.append(_Sequence(request, list(request.prompt), generator=generator,
+                                      stop=frozenset(request.stop_ids)))
         return request
 
     def cancel(self, request: Request) -> None:
@@ -199,7 +201,7 @@ class Engine:
             r.output.append(token)
             seq.tokens.append(token)
             produced.append((r, token))
-            if token in set(r.stop_ids):
+            if token in seq.stop:
                 self._retire(seq, "stop")
             elif len(r.output) >= r.max_new_tokens or len(seq.tokens) >= self.model.config.max_seq_len:
                 self._retire(seq, "length")
@@ -209,9 +211,11 @@ class Engine:
     def _grow(self, batch: list[_Sequence], n_new: int) -> bool:
         """Find blocks for ``n_new`` more tokens of each sequence of ``batch``: evict unused cached blocks, then
         preempt the most recently admitted sequences, until it fits. False if ``batch`` lost members."""
-        need = sum(self.cache.blocks_needed(self.cache.lengths[s.request.id] + n_new)
-                   - len(self.cache.tables[s.request.id]) for s in batch)
-        complete = True
+        def blocks_missing(batch):
+            return sum(self.cache.blocks_needed(self.cache.lengths[s.request.id] + n_new)
+                       - len(self.cache.tables[s.request.id]) for s in batch)
+
+        need, complete = blocks_missing(batch), True
         while need > self.cache.pool.n_free():
             if self._evict_one():
                 continue
@@ -219,8 +223,7 @@ class Engine:
             if victim in batch:
                 complete = False
                 batch = [s for s in batch if s is not victim]
-                need = sum(self.cache.blocks_needed(self.cache.lengths[s.request.id] + n_new)
-                           - len(self.cache.tables[s.request.id]) for s in batch)
+                need = blocks_missing(batch)
             self._preempt(victim)
             if not self.running:
                 raise PoolFull("one sequence does not fit in the KV pool: give the engine more KV memory")
