@@ -32,6 +32,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUANT = {"int8": ("int8", {}), "int4": ("int4", {"group_size": 32, "head": "int8"}), "nf4": ("nf4", {}),
          "fp8": ("fp8", {}), "q8_0": ("q8_0", {}), "q4_0": ("q4_0", {}), "q4_1": ("q4_1", {})}
 COMPILE_SECONDS = 60  # measured: SmolLM2-135M's first compiled decode step on 2 shared CPU cores (approximate)
+CLEAR_LINE = "\r\x1b[K"  # back to the start of the terminal line and erase it
 
 
 class Parser(argparse.ArgumentParser):
@@ -235,8 +236,10 @@ def answer(model, tokenizer, fmt, messages, args, generator, interruptible: bool
     if n:  # the first token comes out of the prefill; the rest are decode steps
         first = 1 if args.compile and n > 2 else 0  # the first compiled decode step may include compiling
         decode = (n - 1 - first) / (token_times[-1] - token_times[first]) if n > 1 else float("nan")
+        loaded = f"; model loaded in {args.load_seconds:.2f} s" if getattr(args, "load_seconds", None) else ""
+        args.load_seconds = None  # once: with the first answer
         print(f"\n[{n} tokens, {decode:.1f} tok/s decode; prompt {args.session.last_prefill} new tokens "
-              f"(of {len(prompt)}) in {token_times[0] - start:.2f} s]", file=sys.stderr)
+              f"(of {len(prompt)}) in {token_times[0] - start:.2f} s{loaded}]", file=sys.stderr)
     return "".join(pieces)
 
 
@@ -251,11 +254,17 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if sys.stderr.isatty():  # a person is waiting: say what happens (a pipe gets only the results)
+        print(f"(loading {args.checkpoint}...)", end="", file=sys.stderr, flush=True)
+    started = time.perf_counter()
     try:
         model, tokenizer = load_pretrained(args.checkpoint, dtype=dtype, device=device)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{CLEAR_LINE if sys.stderr.isatty() else ''}error: {e}", file=sys.stderr)
         return 2
+    args.load_seconds = time.perf_counter() - started  # reported with the first answer's speed
+    if sys.stderr.isatty():
+        print(CLEAR_LINE, end="", file=sys.stderr, flush=True)
     if tokenizer is None:
         print(f"error: {args.checkpoint} has no tokenizer file (tokenizer.json or tokenizer.model); add one",
               file=sys.stderr)
@@ -285,7 +294,9 @@ def main(argv=None) -> int:
         return 0
 
     weights = f"{args.quantize} weights" if args.quantize else dtype
-    print(f"Chatting with {args.checkpoint} on {device} ({weights}). /reset to start over, /quit to leave.")
+    print(f"Chatting with {args.checkpoint} on {device} ({weights}, loaded in {args.load_seconds:.1f} s). "
+          "/reset to start over, /quit to leave.")
+    args.load_seconds = None  # said here: not again with the first answer
     messages = list(system)
     while True:
         try:

@@ -5,6 +5,7 @@ import torch
 
 from core_helpers import TINY, tiny_model
 from minllama.core.build import gguf_tensors, materialize, meta_model
+from minllama.core.gguf_file import GGUFFile
 from minllama.core.config import LlamaConfig
 from minllama.core.model import MinimalLlama, rope_cache, rope_frequencies
 from test_checkpoint import write_gguf
@@ -49,7 +50,7 @@ def test_reset_rope_follows_the_config_and_the_weights_device():
 def test_gguf_tensors_names_every_weight_in_pytorch_shapes(name, tmp_path):
     model = tiny_model(name)
     path = write_gguf(model, tmp_path / "m.gguf")
-    found, unexpected = gguf_tensors(gguf.GGUFReader(path))
+    found, unexpected = gguf_tensors(GGUFFile(path))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
                 if not (k == "output.weight" and model.config.tie_embeddings)}
     assert {k: shape for k, (_, shape) in found.items()} == expected and unexpected == []
@@ -62,5 +63,5 @@ def test_gguf_tensors_reports_a_foreign_tensor(tmp_path):
     w.add_tensor("rope_freqs.weight", torch.ones(8).numpy())  # known, and not ours: skipped silently
     w.add_tensor("mm.vision.proj", torch.ones(4, 4).numpy())  # a multimodal file's tensor
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    found, unexpected = gguf_tensors(gguf.GGUFReader(tmp_path / "x.gguf"))
+    found, unexpected = gguf_tensors(GGUFFile(tmp_path / "x.gguf"))
     assert list(found) == ["tok_embeddings.weight"] and unexpected == ["mm.vision.proj"]

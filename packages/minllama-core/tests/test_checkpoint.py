@@ -15,6 +15,7 @@ from safetensors import safe_open
 from core_helpers import TINY, tiny_model
 from minllama.core import checkpoint
 from minllama.core.checkpoint import CheckpointError, load_pretrained, save_hf, save_meta
+from minllama.core.gguf_file import GGUFFile
 from minllama.core.config import PRESETS, LlamaConfig, RopeScaling
 from minllama.core.formats import (config_from_hf, config_from_meta, config_to_hf, config_to_meta, meta_hidden_dim)
 
@@ -365,5 +366,5 @@ def test_gguf_tokenizer_comes_from_the_same_reader(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer_module, "tokenizer_from_gguf", lambda reader: ("tokenizer of", reader))
     model = tiny_model()
     loaded, (what, reader) = load_pretrained(write_gguf(model, tmp_path / "m.gguf"))
-    assert what == "tokenizer of" and isinstance(reader, gguf.GGUFReader) and reader.tensors
+    assert what == "tokenizer of" and isinstance(reader, GGUFFile) and reader.tensors
     assert_same(model, loaded)

@@ -83,8 +83,8 @@ def smol_reader(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def smol(smol_reader):
-    return tokenizer_from_gguf(smol_reader)
+def smol(smollm2_gguf):
+    return tokenizer_from_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")

@@ -288,15 +288,8 @@ def config_to_meta(cfg: LlamaConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------------ GGUF config
 def gguf_field(reader, key: str, default: Any = None) -> Any:
-    """A metadata value of a ``gguf.GGUFReader`` as a Python value (str, int, float or list)."""
-    import gguf
-
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    is_str = field.types[-1] == gguf.GGUFValueType.STRING
-    values = [bytes(field.parts[i]).decode("utf-8") if is_str else field.parts[i][0].item() for i in field.data]
-    return values if field.types[0] == gguf.GGUFValueType.ARRAY else values[0]
+    """A metadata value of a ``gguf_file.GGUFFile`` (already a Python str, int, float, bool or list)."""
+    return reader.fields.get(key, default)
 
 
 def _f32(x: float) -> float:
@@ -334,7 +327,7 @@ def config_from_gguf(reader, file: str = "GGUF file") -> LlamaConfig:
             raise CheckpointError(f"{file}: rope_freqs.weight is {t.tensor_type.name} of shape "
                                   f"{tuple(int(n) for n in t.shape)}, not F32 of ({head_dim // 2},) (one factor per "
                                   "rotated channel pair): a damaged file")
-        factors = torch.from_numpy(np.array(t.data, dtype=np.float32))
+        factors = t.raw().view(torch.float32).flatten().clone()
         rope_scaling = RopeScaling(factor=float(factors.max()),
                                    original_max_seq_len=num("rope.scaling.original_context_length", int, 8192))
     cfg = build_config(

@@ -52,11 +52,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 
 
 def tokenizer_from_gguf(reader) -> Tokenizer:
-    """The tokenizer embedded in a GGUF file (a ``gguf.GGUFReader`` or a path)."""
+    """The tokenizer embedded in a GGUF file (a path, a ``gguf_file.GGUFFile`` or a ``gguf.GGUFReader``)."""
     if isinstance(reader, (str, Path)):
-        import gguf
+        from .gguf_file import GGUFFile
 
-        reader = gguf.GGUFReader(reader)
+        reader = GGUFFile(reader)
     model = gguf_value(reader, "tokenizer.ggml.model")
     if model == "gpt2":
         return ByteLevelBPETokenizer.from_gguf(reader)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 
 from minllama.core.checkpoint import default_model_path
@@ -24,11 +23,11 @@ _FLOAT_TYPES = ("F32", "F16", "BF16")
 
 def load_gguf_quantized(path: str | os.PathLike | None = None, device="cpu", with_tokenizer: bool = True):
     """(model in eval mode, tokenizer or None); ``path`` defaults to the embedded SmolLM2-135M-Instruct."""
-    import gguf
+    from minllama.core.gguf_file import GGUFFile, to_torch
 
     path = path or default_model_path()
     try:
-        reader = gguf.GGUFReader(path)
+        reader = GGUFFile(path)
     except Exception as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}): re-download it") from None
     cfg = config_from_gguf(reader)
@@ -39,9 +38,9 @@ def load_gguf_quantized(path: str | os.PathLike | None = None, device="cpu", wit
         raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]}: not a llama GGUF file")
     for ours, (t, shape) in found.items():
         if t.tensor_type.name in _FLOAT_TYPES:
-            floats[ours] = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape))
-        elif gguf_blocks.qtype_of(t.tensor_type):
-            blocks[ours] = (gguf_blocks.qtype_of(t.tensor_type), torch.from_numpy(np.array(t.data)))  # (N, bytes)
+            floats[ours] = to_torch(t)
+        elif t.qtype():
+            blocks[ours] = (t.qtype(), t.raw().clone())  # (N, bytes): a copy, so the file need not stay mapped
         else:
             raise CheckpointError(f"{path}: tensor {t.name} is {t.tensor_type.name}; load_gguf_quantized keeps only "
                                   f"Q8_0/Q4_0/Q4_1 blocks: use minllama.core.load_pretrained (dequantizes to fp32)")

@@ -1,0 +1,237 @@
+"""A GGUF file (llama.cpp's format), read in one pass over its header, and its tensors turned into PyTorch ones.
+
+Everything is little-endian. The file is a header, then the tensors' bytes:
+
+    "GGUF" | version u32 (2 or 3) | n_tensors u64 | n_kv u64
+    n_kv      x  key (string) | value type u32 | value            the metadata: config, tokenizer, chat template
+    n_tensors x  name (string) | n_dims u32 | n_dims x u64 | type u32 | offset u64      dims innermost first
+    zero padding up to a multiple of ``general.alignment`` (32 if absent), then the data: tensor i at start+offset_i
+
+A string is its length (u64) then UTF-8 bytes; an array is the items' type (u32), their count (u64), the items.
+The tensor data is never parsed: the file is memory-mapped and a tensor is a view of its bytes until it is
+converted. Why not the ``gguf`` package's ``GGUFReader``? It builds a numpy view for every metadata item (two per
+token of a 49k-token vocabulary: seconds before the first tensor), and dequantizes in numpy; here the header takes
+milliseconds and the blocks are dequantized by PyTorch, straight into the dtype the model wants.
+
+Quantized tensors are blocks of 32 weights (llama.cpp's ggml-common.h): a row of K weights is K/32 blocks.
+
+    Q8_0  34 bytes: d (fp16) | 32 x int8 q                         w = d * q
+    Q4_0  18 bytes: d (fp16) | 16 bytes, two 4-bit codes per byte   w = d * (q - 8)
+    Q4_1  20 bytes: d (fp16) | m (fp16) | 16 bytes of codes         w = d * q + m
+
+In a 4-bit block, byte j holds weight j in its low nibble and weight j + 16 in its high nibble (not 2j and 2j+1).
+Other types (K-quants, ...) are dequantized by the ``gguf`` package's numpy code, slower but complete.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import torch
+from torch import Tensor
+
+BLOCK = 32
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
+FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# metadata value types (gguf.GGUFValueType) -> struct format of one scalar
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # GGUF order: innermost (contiguous) dimension first; PyTorch's is the reverse
+    tensor_type: gguf.GGMLQuantizationType
+    data_offset: int  # absolute position of its first byte in the file
+    n_bytes: int
+    file: GGUFFile
+
+    def raw(self) -> Tensor:
+        """The stored bytes, uint8 (rows, bytes per row): a view of the memory-mapped file, nothing is copied."""
+        rows = int(np.prod(self.shape[1:], dtype=np.int64))
+        data = torch.frombuffer(self.file.buffer, dtype=torch.uint8, count=self.n_bytes, offset=self.data_offset)
+        return data.view(rows, -1)
+
+    def qtype(self) -> str | None:
+        """'q8_0', 'q4_0' or 'q4_1' for the block types PyTorch dequantizes here; None otherwise."""
+        name = self.tensor_type.name.lower()
+        return name if name in BLOCK_BYTES else None
+
+
+class GGUFFile:
+    """``GGUFFile(path)``: ``fields`` ({key: Python value}), ``tensors`` (list of GGUFTensor), ``data_offset``,
+    ``alignment``, ``size``. A damaged header is a ValueError saying what is wrong at which byte."""
+
+    def __init__(self, path: str | os.PathLike):
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            # ACCESS_COPY: a private mapping, so views of it are writable tensors (torch warns on read-only
+            # buffers); nothing is ever written, and the file itself could not be changed through it anyway.
+            self.buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
+        self.size, self.pos = size, 0
+        if self._bytes(4) != b"GGUF":
+            raise ValueError("not a GGUF file (it does not start with the bytes 'GGUF')")
+        version = self._read("I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors, n_kv = self._read("Q"), self._read("Q")
+        self.fields: dict[str, object] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            if key in self.fields:
+                raise ValueError(f"metadata key {key!r} appears twice")
+            self.fields[key] = self._value(self._read("I"))
+        self.tensors = [self._tensor_info() for _ in range(n_tensors)]
+        if len({t.name for t in self.tensors}) != len(self.tensors):
+            raise ValueError("two tensors have the same name")
+        self.alignment = self.fields.get("general.alignment", 32)
+        if not isinstance(self.alignment, int) or isinstance(self.alignment, bool) or not 0 < self.alignment <= 2**16:
+            raise ValueError(f"general.alignment = {self.alignment!r} is not a small positive integer")
+        self.data_offset = self.pos + (-self.pos) % self.alignment
+        self.tensors = [GGUFTensor(t.name, t.shape, t.tensor_type, self.data_offset + t.data_offset, t.n_bytes, self)
+                        for t in self.tensors]
+
+    # -- the header, field by field
+    def _bytes(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > self.size:
+            raise ValueError(f"the file ends at byte {self.size}, inside the header (reading {n} bytes at "
+                             f"{self.pos}): truncated")
+        out = self.buffer[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def _read(self, fmt: str):
+        return struct.unpack("<" + fmt, self._bytes(struct.calcsize(fmt)))[0]
+
+    def _string(self) -> str:
+        at = self.pos
+        raw = self._bytes(self._read("Q"))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"the string at byte {at} is not UTF-8") from None
+
+    def _value(self, vtype: int):
+        if vtype == _STRING:
+            return self._string()
+        if vtype in _SCALAR:
+            return self._read(_SCALAR[vtype])
+        if vtype != _ARRAY:
+            raise ValueError(f"unknown metadata value type {vtype} at byte {self.pos - 4}")
+        item, count = self._read("I"), self._read("Q")
+        if item in _SCALAR and item != 7:  # numbers: one numpy read for the whole array (a vocabulary's scores)
+            dtype = np.dtype("<" + _SCALAR[item])
+            return np.frombuffer(self._bytes(count * dtype.itemsize), dtype).tolist()
+        if item == _STRING:
+            return self._strings(count)
+        return [self._value(item) for _ in range(count)]
+
+    def _strings(self, count: int) -> list[str]:
+        """An array of strings (a vocabulary: 49k tokens, 48k merges) in one tight loop."""
+        buffer, pos, size, out = self.buffer, self.pos, self.size, []
+        length_at = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                break
+            (n,) = length_at(buffer, pos)
+            if pos + 8 + n > size:
+                break
+            out.append(buffer[pos + 8:pos + 8 + n])
+            pos += 8 + n
+        self.pos = pos
+        if len(out) < count:
+            self._bytes(size + 1)  # past the end: the truncation error
+        try:
+            return [b.decode("utf-8") for b in out]
+        except UnicodeDecodeError:
+            bad = next(i for i, b in enumerate(out) if not _is_utf8(b))
+            raise ValueError(f"string {bad} of the array ending at byte {pos} is not UTF-8") from None
+
+    def _tensor_info(self) -> GGUFTensor:
+        name, n_dims = self._string(), self._read("I")
+        if not 1 <= n_dims <= 4:
+            raise ValueError(f"tensor {name!r} has {n_dims} dimensions (GGUF allows 1 to 4)")
+        shape = tuple(self._read("Q") for _ in range(n_dims))
+        raw_type = self._read("I")
+        try:
+            tensor_type = gguf.GGMLQuantizationType(raw_type)
+        except ValueError:
+            raise ValueError(f"tensor {name!r} has an unknown type {raw_type}") from None
+        block, block_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
+        if shape[0] % block:
+            raise ValueError(f"tensor {name!r}: its rows of {shape[0]} are not whole blocks of {block} "
+                             f"({tensor_type.name})")
+        n_bytes = int(np.prod(shape, dtype=object)) // block * block_bytes
+        return GGUFTensor(name, shape, tensor_type, self._read("Q"), n_bytes, self)
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------- blocks -> floats
+def _fp16_at(blocks: Tensor, offset: int) -> Tensor:
+    """The fp16 stored at byte ``offset`` of every block: (N, nb, bytes) -> (N, nb) float32."""
+    return blocks[..., offset:offset + 2].contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def unpack_blocks(raw: Tensor, qtype: str) -> dict[str, Tensor]:
+    """Raw bytes (N, nb * block_bytes) -> d (N, nb), m (N, nb) for Q4_1, codes (N, nb * 32) (int8 or 0..15)."""
+    N = raw.shape[0]
+    blocks = raw.view(N, -1, BLOCK_BYTES[qtype])  # (N, nb, bytes)
+    out = {"d": _fp16_at(blocks, 0)}
+    if qtype == "q8_0":
+        out["codes"] = blocks[..., 2:].contiguous().view(torch.int8).reshape(N, -1)
+        return out
+    start = 2 if qtype == "q4_0" else 4
+    if qtype == "q4_1":
+        out["m"] = _fp16_at(blocks, 2)
+    qs = blocks[..., start:]  # (N, nb, 16)
+    out["codes"] = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(N, -1)  # weights 0..15 then 16..31 of each block
+    return out
+
+
+def block_scales(raw: Tensor, qtype: str) -> list[Tensor]:
+    """The fp16 numbers of every block (d, and m for Q4_1) as float32 (N, nb): the only place a NaN or Inf can be
+    (the codes are small integers), so checking these checks the whole tensor."""
+    blocks = raw.view(raw.shape[0], -1, BLOCK_BYTES[qtype])
+    return [_fp16_at(blocks, 0)] + ([_fp16_at(blocks, 2)] if qtype == "q4_1" else [])
+
+
+def dequantize_blocks(raw: Tensor, qtype: str, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Raw GGUF bytes (N, nb * block_bytes) -> weights (N, nb * 32) in ``dtype`` (computed in float32)."""
+    p = unpack_blocks(raw, qtype)
+    N, nb = p["d"].shape
+    q = p["codes"].view(N, nb, BLOCK).float()  # (N, nb, 32)
+    if qtype == "q8_0":
+        w = q.mul_(p["d"][..., None])
+    elif qtype == "q4_0":
+        w = q.sub_(8).mul_(p["d"][..., None])
+    else:
+        w = q.mul_(p["d"][..., None]).add_(p["m"][..., None])
+    return w.view(N, -1).to(dtype)
+
+
+def to_torch(t: GGUFTensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A GGUF tensor as a new PyTorch tensor in ``dtype``, in PyTorch's shape (dims reversed); never a view of the
+    file, so the file can be closed (or replaced) afterwards."""
+    shape = tuple(reversed(t.shape))
+    name = t.tensor_type.name
+    if name in FLOATS:
+        stored = t.raw().view(FLOATS[name]).view(shape)
+        return stored.to(dtype, copy=True)
+    if t.qtype():
+        return dequantize_blocks(t.raw(), t.qtype(), dtype).view(shape)
+    from gguf.quants import dequantize  # K-quants and the rest: numpy, slower
+
+    return torch.from_numpy(dequantize(t.raw().numpy(), t.tensor_type).reshape(shape)).to(dtype)
+

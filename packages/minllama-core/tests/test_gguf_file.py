@@ -1,0 +1,93 @@
+"""core's GGUF reader against the gguf package's (llama.cpp's own Python reader): the same metadata, the same tensor
+table, and bit-identical floats after dequantization, on the embedded SmolLM2 file and on files written here with
+every value type and every tensor type the loader dequantizes itself (odd shapes), plus the numpy fallback."""
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize, quantize
+
+from minllama.core.gguf_file import GGUFFile, to_torch
+
+Q = gguf.GGMLQuantizationType
+V = gguf.GGUFValueType
+
+
+def oracle_fields(reader: gguf.GGUFReader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def oracle_floats(t) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(dequantize(np.array(t.data), t.tensor_type), np.float32)).reshape(
+        tuple(reversed(t.shape.tolist())))
+
+
+def same_table(ours: GGUFFile, ref: gguf.GGUFReader) -> None:
+    assert ours.fields == oracle_fields(ref)
+    assert ours.data_offset == ref.data_offset and ours.size == len(ref.data)
+    assert [(t.name, t.shape, t.tensor_type, t.data_offset, t.n_bytes) for t in ours.tensors] == [
+        (t.name, tuple(t.shape.tolist()), t.tensor_type, t.data_offset, int(t.n_bytes)) for t in ref.tensors]
+
+
+def test_the_embedded_smollm2_file_reads_as_gguf_py_reads_it(smollm2_gguf):
+    ours, ref = GGUFFile(smollm2_gguf), gguf.GGUFReader(smollm2_gguf)
+    same_table(ours, ref)
+    assert len(ours.fields["tokenizer.ggml.tokens"]) == 49152  # a vocabulary, merges, scores: all there
+    kinds = {}
+    for a, b in zip(ours.tensors, ref.tensors):
+        kinds.setdefault(a.tensor_type, (a, b))  # one tensor of each type (Q8_0 embedding, Q4_1, F32)
+    assert set(kinds) == {Q.Q8_0, Q.Q4_1, Q.F32}
+    for a, b in kinds.values():
+        assert torch.equal(to_torch(a), oracle_floats(b)), a.name
+
+
+def write(path, values: dict, tensors: dict) -> str:
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, (value, vtype, sub) in values.items():
+        w.add_key_value(key, value, vtype, sub)
+    for name, (data, raw_type) in tensors.items():
+        w.add_tensor(name, data, raw_dtype=raw_type)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return str(path)
+
+
+def test_every_value_type_and_dequantized_type_matches(tmp_path):
+    values = {"u8": (200, V.UINT8, None), "i8": (-100, V.INT8, None), "u16": (60000, V.UINT16, None),
+              "i16": (-30000, V.INT16, None), "u32": (4_000_000_000, V.UINT32, None), "i32": (-7, V.INT32, None),
+              "u64": (2 ** 63 + 5, V.UINT64, None), "i64": (-2 ** 40, V.INT64, None), "f32": (0.1, V.FLOAT32, None),
+              "f64": (0.1, V.FLOAT64, None), "yes": (True, V.BOOL, None), "no": (False, V.BOOL, None),
+              "text": ("héllo, 世界", V.STRING, None), "empty": ("", V.STRING, None),
+              "ints": ([1, -2, 3], V.ARRAY, V.INT32), "floats": ([0.5, -1.25], V.ARRAY, V.FLOAT32),
+              "bools": ([True, False], V.ARRAY, V.BOOL), "words": (["a", "", "ü"], V.ARRAY, V.STRING)}
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 96)).astype(np.float32)  # 3 rows of 3 blocks: nothing is a power of two
+    tensors = {"f32": (w, None), "f16": (w.astype(np.float16), None),
+               "bf16": (quantize(w, Q.BF16), Q.BF16), "vector": (w[0].copy(), None)}
+    for qt in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0):  # Q5_0: not one of ours, dequantized by the gguf package
+        tensors[qt.name.lower()] = (quantize(w, qt), qt)
+    path = write(tmp_path / "all.gguf", values, tensors)
+    ours, ref = GGUFFile(path), gguf.GGUFReader(path)
+    same_table(ours, ref)
+    assert ours.fields["u64"] == 2 ** 63 + 5 and ours.fields["words"] == ["a", "", "ü"]
+    for a, b in zip(ours.tensors, ref.tensors):
+        expected = oracle_floats(b)
+        assert torch.equal(to_torch(a), expected), a.name
+        assert torch.equal(to_torch(a, torch.bfloat16), expected.bfloat16()), a.name  # straight into bf16
+
+
+def test_a_damaged_header_is_a_clear_error(tmp_path):
+    path = write(tmp_path / "m.gguf", {"general.name": ("m", V.STRING, None)},
+                 {"w": (np.ones((2, 32), np.float32), None)})
+    data = open(path, "rb").read()
+    cases = {"not GGUF": b"GGML" + data[4:], "version": data[:4] + b"\x09" + data[5:],
+             "truncated": data[:40], "empty": b""}
+    messages = {"not GGUF": "does not start with the bytes 'GGUF'", "version": "version 9 is not supported",
+                "truncated": "truncated", "empty": "ends at byte 0"}
+    for what, damaged in cases.items():
+        (tmp_path / what).write_bytes(damaged)
+        with pytest.raises(ValueError, match=messages[what]):
+            GGUFFile(tmp_path / what)
+    twice = write(tmp_path / "dup.gguf", {"k.a": ("x", V.STRING, None), "k.b": ("y", V.STRING, None)}, {})
+    (tmp_path / "dup2.gguf").write_bytes(open(twice, "rb").read().replace(b"k.b", b"k.a"))
+    with pytest.raises(ValueError, match="'k.a' appears twice"):
+        GGUFFile(tmp_path / "dup2.gguf")
