@@ -57,6 +57,14 @@ class GGUFTensor:
         data = torch.frombuffer(self.file.buffer, dtype=torch.uint8, count=self.n_bytes, offset=self.data_offset)
         return data.view(rows, -1)
 
+    def release(self) -> None:
+        """Give the file pages this tensor was read from back to the OS (they stay in the page cache, and would be
+        read again if touched): a loaded model does not keep the file's bytes resident as well as its own."""
+        if isinstance(self.file.buffer, mmap.mmap) and self.n_bytes:
+            start = self.data_offset - self.data_offset % mmap.PAGESIZE
+            end = min(self.data_offset + self.n_bytes, self.file.size)
+            self.file.buffer.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def qtype(self) -> str | None:
         """'q8_0', 'q4_0' or 'q4_1' for the block types PyTorch dequantizes here; None otherwise."""
         name = self.tensor_type.name.lower()
@@ -221,17 +229,25 @@ def dequantize_blocks(raw: Tensor, qtype: str, dtype: torch.dtype = torch.float3
     return w.view(N, -1).to(dtype)
 
 
-def to_torch(t: GGUFTensor, dtype: torch.dtype = torch.float32) -> Tensor:
+def to_torch(t: GGUFTensor, dtype: torch.dtype = torch.float32, chunk: int = 1 << 16) -> Tensor:
     """A GGUF tensor as a new PyTorch tensor in ``dtype``, in PyTorch's shape (dims reversed); never a view of the
-    file, so the file can be closed (or replaced) afterwards."""
+    file, so the file can be closed (or replaced) afterwards. Blocks are dequantized ``chunk`` weights at a time
+    into the result, so the float32 temporaries stay 256 kB (cache-sized) even for a 100 MB embedding (peak memory of loading
+    is the model, not the model plus its largest tensor twice)."""
     shape = tuple(reversed(t.shape))
     name = t.tensor_type.name
     if name in FLOATS:
-        stored = t.raw().view(FLOATS[name]).view(shape)
-        return stored.to(dtype, copy=True)
-    if t.qtype():
-        return dequantize_blocks(t.raw(), t.qtype(), dtype).view(shape)
-    from gguf.quants import dequantize  # K-quants and the rest: numpy, slower
+        out = t.raw().view(FLOATS[name]).view(shape).to(dtype, copy=True)
+    elif t.qtype():
+        raw = t.raw()  # (N, bytes per row)
+        out = torch.empty(raw.shape[0], shape[-1], dtype=dtype)
+        rows = max(1, chunk // shape[-1])
+        for i in range(0, raw.shape[0], rows):
+            out[i:i + rows] = dequantize_blocks(raw[i:i + rows], t.qtype(), dtype)
+        out = out.view(shape)
+    else:
+        from gguf.quants import dequantize  # K-quants and the rest: numpy, slower
 
-    return torch.from_numpy(dequantize(t.raw().numpy(), t.tensor_type).reshape(shape)).to(dtype)
-
+        out = torch.from_numpy(dequantize(t.raw().numpy(), t.tensor_type).reshape(shape)).to(dtype)
+    t.release()
+    return out

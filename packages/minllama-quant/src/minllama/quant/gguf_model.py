@@ -41,6 +41,7 @@ def load_gguf_quantized(path: str | os.PathLike | None = None, device="cpu", wit
             floats[ours] = to_torch(t)
         elif t.qtype():
             blocks[ours] = (t.qtype(), t.raw().clone())  # (N, bytes): a copy, so the file need not stay mapped
+            t.release()  # and the file's pages need not stay resident beside it
         else:
             raise CheckpointError(f"{path}: tensor {t.name} is {t.tensor_type.name}; load_gguf_quantized keeps only "
                                   f"Q8_0/Q4_0/Q4_1 blocks: use minllama.core.load_pretrained (dequantizes to fp32)")
