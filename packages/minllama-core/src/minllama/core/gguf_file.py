@@ -229,10 +229,10 @@ def dequantize_blocks(raw: Tensor, qtype: str, dtype: torch.dtype = torch.float3
     return w.view(N, -1).to(dtype)
 
 
-def to_torch(t: GGUFTensor, dtype: torch.dtype = torch.float32, chunk: int = 1 << 16) -> Tensor:
+def to_torch(t: GGUFTensor, dtype: torch.dtype = torch.float32, chunk: int = 1 << 18) -> Tensor:
     """A GGUF tensor as a new PyTorch tensor in ``dtype``, in PyTorch's shape (dims reversed); never a view of the
     file, so the file can be closed (or replaced) afterwards. Blocks are dequantized ``chunk`` weights at a time
-    into the result, so the float32 temporaries stay 256 kB (cache-sized) even for a 100 MB embedding (peak memory of loading
+    into the result, so the float32 temporaries stay 1 MB even for a 100 MB embedding (peak memory of loading
     is the model, not the model plus its largest tensor twice)."""
     shape = tuple(reversed(t.shape))
     name = t.tensor_type.name
@@ -242,8 +242,13 @@ def to_torch(t: GGUFTensor, dtype: torch.dtype = torch.float32, chunk: int = 1 <
         raw = t.raw()  # (N, bytes per row)
         out = torch.empty(raw.shape[0], shape[-1], dtype=dtype)
         rows = max(1, chunk // shape[-1])
-        for i in range(0, raw.shape[0], rows):
-            out[i:i + rows] = dequantize_blocks(raw[i:i + rows], t.qtype(), dtype)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # small ops: with 2 threads on a busy 2-core CPU each waits for the other (3-8x)
+        try:
+            for i in range(0, raw.shape[0], rows):
+                out[i:i + rows] = dequantize_blocks(raw[i:i + rows], t.qtype(), dtype)
+        finally:
+            torch.set_num_threads(threads)
         out = out.view(shape)
     else:
         from gguf.quants import dequantize  # K-quants and the rest: numpy, slower
