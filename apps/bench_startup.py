@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     now, before = run(args.dtype, "core", args.runs), run(args.dtype, "gguf-py", args.runs)
     if len(now["first"] | before["first"]) != 1:  # the same weights must give the same greedy first token
         raise SystemExit(f"the two loaders disagree: first tokens {now['first']} vs {before['first']}")
-    print(f"\n| phase | core's reader, torch dequantization (s) | gguf-py reader, numpy dequantization (s) |")
+    print("\n| phase | core's reader, torch dequantization (s) | gguf-py reader, numpy dequantization (s) |")
     print("|---|---|---|")
     for name, a, b in zip(PHASES, now["phases"], before["phases"]):
         print(f"| {name} | {a:.2f} | {b:.2f} |")
