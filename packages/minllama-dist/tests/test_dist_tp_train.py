@@ -9,7 +9,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from dist_helpers import ok, run_ranks, tiny_model
 from minllama.core import LlamaConfig
-from minllama.dist import TokenBatches, load_checkpoint, save_checkpoint, train_step
+from minllama.dist import (TokenBatches, apply_activation_checkpointing, apply_tensor_parallel, load_checkpoint,
+                           save_checkpoint, train_step)
 from minllama.dist.mesh import build_mesh, plan_mesh
 from minllama.dist.parallelize import apply_tensor_parallel_training, check_tensor_parallel, parallelize_llama, \
     tp_lm_loss
@@ -189,3 +190,60 @@ def test_check_tensor_parallel_names_the_degrees_that_fit():
         check_tensor_parallel(LlamaConfig.from_name("tiny-gqa", hidden_dim=129), 2)
     with pytest.raises(ValueError, match=r"--tp in \[1, 2\]"):
         check_tensor_parallel(LlamaConfig.from_name("tiny-gqa"), 4)
+
+
+# ------------------------------------------------------------------------------------------- activation memory
+def saved_activation_bytes(model, tokens) -> int:
+    """Bytes of activations that the blocks of ``model`` keep for backward on this rank, in one forward (the cost
+    that grows with depth; weights excluded, a tensor kept twice counted once)."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    def local(t):
+        t = t._local_tensor if isinstance(t, DTensor) else t
+        return t.trigger_wait() if isinstance(t, AsyncCollectiveTensor) else t
+
+    weights = {local(p).untyped_storage().data_ptr() for p in model.parameters()}
+    kept, in_block = {}, [False]
+
+    def pack(t):
+        storage = local(t).untyped_storage()
+        if in_block[0] and storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    for block in model.layers:
+        block.register_forward_pre_hook(lambda *_: in_block.__setitem__(0, True))
+        block.register_forward_hook(lambda *_: in_block.__setitem__(0, False))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens[:, :-1])
+    return sum(kept.values())
+
+
+def memory_worker(rank, world):
+    quiet()
+    mesh = build_mesh(plan_mesh(world, tp=world))["tp"]
+    tokens = batches().batch(0)
+    out = {}
+    for plan, apply in (("blocks only", apply_tensor_parallel), ("sequence parallel", apply_tensor_parallel_training)):
+        for checkpointed in (False, True):
+            model = apply(tiny_model("tiny-gqa"), mesh)
+            if checkpointed:
+                for block in model.layers:
+                    apply_activation_checkpointing(block)
+            out[plan, checkpointed] = saved_activation_bytes(model, tokens)
+    return out
+
+
+def test_sequence_parallel_saves_activation_memory(tmp_path):
+    saved = ok(run_ranks(memory_worker, 2, tmp=tmp_path))[0]
+    cfg = LlamaConfig.from_name("tiny-gqa")
+    block_input = BATCH * SEQ * cfg.dim * 4  # (B, T, dim) fp32
+    rope = SEQ * cfg.head_dim // 2 * 2 * 4  # (T, head_dim/2, 2) fp32, one tensor passed to every block
+    # a checkpointed block keeps only its inputs: with sequence parallel, half the positions of the stream
+    assert saved["blocks only", True] == cfg.n_layers * block_input + rope
+    assert saved["sequence parallel", True] == cfg.n_layers * block_input // 2 + rope
+    # without checkpointing: each RMSNorm keeps its input x, the normalized x (B, T, dim) and rsqrt (B, T, 1),
+    # which sequence parallel halves; the gathered norm output that wq / w1 keep for their weight gradients is
+    # whole in both plans (README, section 4b). So the difference is exactly half of the 2 norms' of every block:
+    norm_keeps = 2 * block_input + BATCH * SEQ * 4
+    assert saved["blocks only", False] - saved["sequence parallel", False] == cfg.n_layers * 2 * norm_keeps // 2
