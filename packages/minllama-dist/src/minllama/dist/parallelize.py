@@ -89,6 +89,10 @@ def apply_tensor_parallel_training(model: MinimalLlama, mesh: DeviceMesh) -> Min
     size) and returns logits as a DTensor sharded over the vocabulary; compute the loss with ``tp_lm_loss`` (or
     inside ``loss_parallel()``), and call ``backward`` inside it too.
 
+    The result trains; it does not decode with a KV cache (one new token cannot be split along the sequence):
+    to generate, load its checkpoint into a model split by ``tp.apply_tensor_parallel``, or pad the window to a
+    multiple of tp as ``apps/train.py``'s ``sample`` does.
+
     A tied head (``tie_embeddings``) is kept tied: the embedding (rowwise) and the head (columnwise) both shard
     the (vocab, dim) matrix by rows, so one DTensor serves both; it is re-tied after ``parallelize_module`` gave
     each module its own copy.
