@@ -251,3 +251,27 @@ def test_sequence_parallel_saves_activation_memory(tmp_path):
     # whole in both plans (README, section 4b). So the difference is exactly half of the 2 norms' of every block:
     norm_keeps = 2 * block_input + BATCH * SEQ * 4
     assert saved["blocks only", False] - saved["sequence parallel", False] == cfg.n_layers * 2 * norm_keeps // 2
+
+
+def refusal_worker(rank, world):
+    from minllama.core.cache import StaticKVCache
+
+    model = parallelize_llama(tiny_model("tiny-gqa"), build_mesh(plan_mesh(world, tp=world)))
+    errors = []
+    for call in (lambda: model(torch.randint(0, 256, (2, 15))),  # 15 positions: not a multiple of tp = 2
+                 lambda: model(tokens=torch.randint(0, 256, (2, 15))),
+                 lambda: model(torch.zeros(1, 2, dtype=torch.long), torch.arange(2), cache=StaticKVCache(model, 1, 8))):
+        try:
+            call()
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+    return errors
+
+
+def test_tp_training_refuses_what_sequence_parallel_cannot_split(tmp_path):
+    """Checked before any collective, on every rank alike: never ranks exchanging slices of different sizes."""
+    for errors in ok(run_ranks(refusal_worker, 2, tmp=tmp_path)):
+        assert "15 tokens per row do not split over tp=2 ranks" in errors[0] and "pad_to_multiple" in errors[0]
+        assert errors[1] == errors[0]
+        assert "does not decode with a KV cache" in errors[2] and "tp.apply_tensor_parallel" in errors[2]

@@ -66,14 +66,13 @@ ROOT_PLAN_SP = {
 }
 
 
-def check_tensor_parallel(cfg: LlamaConfig, tp: int, seq_len: int | None = None) -> None:
-    """Raise one ValueError naming the first size that does not split over ``tp`` ranks, and the tp that would."""
+def check_tensor_parallel(cfg: LlamaConfig, tp: int) -> None:
+    """Raise one ValueError naming the first size that does not split over ``tp`` ranks, and the tp that would.
+    (The sequence must split too, for sequence parallel: ``mesh.plan_mesh`` checks it with the other degrees.)"""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"--tp {tp!r}: the tensor-parallel degree is a whole number >= 1")
     sizes = {"n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "hidden_dim": cfg.hidden_dim,
              "vocab_size": cfg.vocab_size}
-    if seq_len is not None:  # sequence parallel: every rank gets T/tp positions between the blocks
-        sizes["seq_len"] = seq_len
     for what, count in sizes.items():
         if count % tp:
             fits = [k for k in range(1, cfg.n_kv_heads + 1) if all(c % k == 0 for c in sizes.values())]
@@ -107,7 +106,21 @@ def apply_tensor_parallel_training(model: MinimalLlama, mesh: DeviceMesh) -> Min
         block.attention.n_heads = cfg.n_heads // n  # the views in Attention.project see the local heads
         block.attention.n_kv_heads = cfg.n_kv_heads // n
     model.tp_size = n
+    model.register_forward_pre_hook(_sequence_must_split, with_kwargs=True)
     return model
+
+
+def _sequence_must_split(model: MinimalLlama, args: tuple, kwargs: dict) -> None:
+    """Refuse, before any collective, what sequence parallel cannot split (ranks would otherwise exchange slices
+    of different sizes and abort): a sequence that is not a multiple of tp, and a KV cache (one new token)."""
+    tokens = args[0] if args else kwargs["tokens"]
+    if kwargs.get("cache") is not None or (len(args) > 4 and args[4] is not None):
+        raise ValueError("a model split by apply_tensor_parallel_training does not decode with a KV cache (one new "
+                         "token cannot be split along the sequence): generate with tp.apply_tensor_parallel")
+    if tokens.shape[1] % model.tp_size:
+        raise ValueError(f"{tokens.shape[1]} tokens per row do not split over tp={model.tp_size} ranks: sequence "
+                         f"parallel needs a multiple of {model.tp_size} (use a --seq-len that is one, or "
+                         f"pad_to_multiple)")
 
 
 def parallelize_llama(model: MinimalLlama, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
@@ -132,11 +145,13 @@ def parallelize_llama(model: MinimalLlama, mesh: DeviceMesh, *, param_dtype: tor
 
 
 def tp_lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Next-token cross-entropy of vocabulary-sharded logits (B, T, vocab/N per rank), tokens (B, T+1).
+    """Next-token cross-entropy of vocabulary-sharded logits (B, T, vocab/N per rank), tokens (B, T+1): the value
+    (to evaluate; for training, ``train_step`` runs the loss *and its backward* inside ``loss_parallel()``, which
+    the backward needs as much as the forward).
 
     Each rank holds a slice of every row of logits. The log-softmax needs the row's max and sum over the whole
     vocabulary: ``loss_parallel`` all-reduces those two numbers per row (and the picked target logit) instead of
-    all-gathering (B, T, vocab) logits. The backward, which must run inside the same context, is local too.
+    all-gathering (B, T, vocab) logits.
     """
     with loss_parallel():
         return lm_loss(logits, tokens)
