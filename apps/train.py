@@ -13,9 +13,9 @@ apps/data/fables.txt, is original text dedicated to the public domain (CC0). Eve
 checkpoint is written to OUT/checkpoints/ (atomically; the newest --keep are kept). Running the same command again
 resumes from the latest checkpoint: same data order, same RNG, so the loss curve continues as if the run had never
 stopped (to 1e-6 on the same mesh; on another number of ranks or another --tp, which is allowed, float rounding
-makes it drift: minllama-dist's README gives the measured drift); a checkpoint made with other settings (model, corpus, seed, batch, window, learning rate) is
-refused, so two runs cannot share an --out by accident. OUT/loss.csv holds the loss of every step; samples of
-generated text are printed.
+makes it drift: minllama-dist's README gives the measured drift); a checkpoint made with other settings (model,
+corpus, seed, batch, window, learning rate) is refused, so two runs cannot share an --out by accident. OUT/loss.csv
+holds the loss of every step; samples of generated text are printed.
 """
 from __future__ import annotations
 
