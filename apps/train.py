@@ -3,15 +3,19 @@
     uv run apps/train.py --steps 300                                           # one process (GPU if there is one)
     uv run torchrun --standalone --nproc-per-node 2 apps/train.py --steps 300  # 2 processes, sharded (FSDP2)
     MINLLAMA_DEVICE=cpu uv run torchrun --standalone --nproc-per-node 2 apps/train.py   # 2 CPU processes (gloo)
+    uv run torchrun --standalone --nproc-per-node 4 apps/train.py --tp 2       # FSDP over 2 x tensor parallel 2
+
+The ranks form a (pp, dp_shard, cp, tp) mesh: --tp splits every weight matrix (and the sequence between blocks)
+over that many neighbouring ranks; FSDP shards over the rest (--dp-shard, derived: world / (pp * cp * tp)).
 
 Tokens are bytes (vocab 256, the size of the tiny presets), so no tokenizer is needed. The default corpus,
 apps/data/fables.txt, is original text dedicated to the public domain (CC0). Every --ckpt-every steps a DCP
 checkpoint is written to OUT/checkpoints/ (atomically; the newest --keep are kept). Running the same command again
 resumes from the latest checkpoint: same data order, same RNG, so the loss curve continues as if the run had never
-stopped (to 1e-6 on the same number of ranks; on another, float rounding makes it drift: minllama-dist's README
-gives the measured drift); a checkpoint made with other settings (model, corpus, seed, batch, window, learning rate) is
-refused, so two runs cannot share an --out by accident. OUT/loss.csv holds the loss of every step; samples of
-generated text are printed.
+stopped (to 1e-6 on the same mesh; on another number of ranks or another --tp, which is allowed, float rounding
+makes it drift: minllama-dist's README gives the measured drift); a checkpoint made with other settings (model,
+corpus, seed, batch, window, learning rate) is refused, so two runs cannot share an --out by accident. OUT/loss.csv
+holds the loss of every step; samples of generated text are printed.
 """
 from __future__ import annotations
 
@@ -27,9 +31,10 @@ import torch.distributed as dist
 
 from minllama.core import CheckpointError, LlamaConfig
 from minllama.core.config import PRESETS
-from minllama.dist import (CheckpointManager, TokenBatches, apply_fsdp, check_checkpoint, data_parallel_mesh,
-                           dcp_to_hf, init_distributed, init_from_rank0, materialize, meta_model, shutdown,
-                           train_step)
+from minllama.dist import (MESH_DIMS, CheckpointManager, TokenBatches, build_mesh, check_checkpoint, dcp_to_hf,
+                           init_distributed, init_from_rank0, materialize, meta_model, parallelize_llama, plan_mesh,
+                           shutdown, train_step)
+from minllama.dist.parallelize import full_logits, pad_to_multiple
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "fables.txt"
 
@@ -56,6 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per process (default 1: measured on 2 shared cores, the tiny default model "
                         "trains no faster with 2, and 2 ranks x 2 threads oversubscribe them)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: ranks that split each weight matrix "
+                   "and, between blocks, the sequence (default 1)")
+    p.add_argument("--dp-shard", type=int, help="FSDP degree (default: world / (pp * cp * tp))")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (only 1 in this version; validated)")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel degree (only 1 in this version; validated)")
     p.add_argument("--crash-at-step", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL self after that step
     return p.parse_args(argv)
 
@@ -69,13 +79,16 @@ def decode(ids) -> str:
 
 
 @torch.no_grad()
-def sample(model, prompt: str, new_tokens: int, device) -> str:
-    """Greedy continuation without a KV cache: every rank runs it (the sharded forward is collective)."""
+def sample(model, prompt: str, new_tokens: int, device, tp: int = 1) -> str:
+    """Greedy continuation without a KV cache: every rank runs it (the sharded forward is collective). Under
+    tensor parallel the window is right-padded to a multiple of tp (sequence parallel splits it; causal attention
+    keeps the padding out of the last real position) and the vocabulary-sharded logits are gathered."""
     model.eval()
     tokens = encode(prompt)[None].to(device)  # (1, T)
     for _ in range(new_tokens):
-        window = tokens[:, -model.config.max_seq_len:]
-        nxt = model(window)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        window = tokens[:, -(model.config.max_seq_len // tp * tp):]
+        logits = full_logits(model(pad_to_multiple(window, tp)))  # (1, T', vocab)
+        nxt = logits[:, window.shape[1] - 1].argmax(-1, keepdim=True)  # (1, 1)
         tokens = torch.cat([tokens, nxt], dim=1)
     model.train()
     return decode(tokens[0].tolist())
@@ -92,18 +105,32 @@ def main(argv=None) -> int:
         sys.exit(f"error: --seq-len {args.seq_len} exceeds the context of {args.config} ({cfg.max_seq_len})")
     if not args.corpus.is_file():
         sys.exit(f"error: --corpus {args.corpus}: no such file")
+    try:  # checked before joining the group: torchrun's WORLD_SIZE is the number of ranks
+        shape = plan_mesh(int(os.environ.get("WORLD_SIZE", "1")), tp=args.tp, pp=args.pp, cp=args.cp,
+                          dp_shard=args.dp_shard, cfg=cfg, seq_len=args.seq_len)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if shape.pp > 1 or shape.cp > 1:
+        sys.exit("error: --pp and --cp are validated but not yet applied by this version of train.py: use 1")
+    if cfg.max_seq_len % shape.tp:
+        sys.exit(f"error: --config {args.config} has a context of {cfg.max_seq_len}, not a multiple of --tp "
+                 f"{shape.tp} (sampling pads the window to one)")
+    if args.batch_size % shape.dp_shard:
+        sys.exit(f"error: --batch-size {args.batch_size} must be a multiple of the {shape.dp_shard} data-parallel "
+                 f"groups (dp_shard; the tp ranks of a group share its rows)")
     torch.set_num_threads(max(args.threads, 1))
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    if args.batch_size % world:
-        sys.exit(f"error: --batch-size {args.batch_size} must be a multiple of the {world} ranks")
     main_rank = rank == 0
+    mesh = build_mesh(shape, device.type)
+    dp_rank = mesh["dp_shard"].get_local_rank()  # which rows of each global batch are ours
 
-    # The model: built on the meta device, sharded, and only then allocated (each rank: its shards only). Rank 0
-    # draws the initial weights and broadcasts them, so that 1 and N ranks start from the same numbers.
+    # The model: built on the meta device, sharded (tensor parallel over "tp", then FSDP over "dp_shard"), and only
+    # then allocated (each rank: its shards only). Rank 0 draws the initial weights and broadcasts them, so that
+    # every mesh starts from the same numbers.
     model = meta_model(cfg)
-    apply_fsdp(model, data_parallel_mesh(device), param_dtype=torch.bfloat16 if args.bf16 else None,
-               activation_checkpointing=args.activation_checkpointing)
+    parallelize_llama(model, mesh, param_dtype=torch.bfloat16 if args.bf16 else None,
+                      activation_checkpointing=args.activation_checkpointing)
     materialize(model, device, init=False)
     init_from_rank0(model, args.seed)
     torch.manual_seed(args.seed + rank)
@@ -145,7 +172,7 @@ def main(argv=None) -> int:
     bar = tqdm(total=args.steps, initial=start, disable=not main_rank, unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in range(start + 1, args.steps + 1):
-        loss = train_step(model, optimizer, data.next_for_rank(rank, world).to(device))
+        loss = train_step(model, optimizer, data.next_for_rank(dp_rank, shape.dp_shard).to(device))
         if main_rank:
             with open(loss_log, "a") as f:
                 f.write(f"{step},{loss:.7f}\n")
@@ -154,7 +181,7 @@ def main(argv=None) -> int:
         if step % args.ckpt_every == 0 or step == args.steps:
             manager.save(step, model, optimizer, {"data_position": data.position, **run_shape})
         if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-            text = sample(model, args.prompt, 48, device)
+            text = sample(model, args.prompt, 48, device, shape.tp)
             if main_rank:
                 bar.write(f"[step {step}] {text!r}")
         if step == args.crash_at_step:
@@ -163,8 +190,9 @@ def main(argv=None) -> int:
     bar.close()
     if main_rank:
         done = args.steps - start
-        print(f"done: {done} steps in {time.perf_counter() - t0:.1f}s on {world} rank(s) ({device.type}); "
-              f"checkpoint {manager.latest()}; losses in {loss_log}", file=sys.stderr)
+        layout = " x ".join(f"{d}={n}" for d, n in zip(MESH_DIMS, shape.sizes))
+        print(f"done: {done} steps in {time.perf_counter() - t0:.1f}s on {world} rank(s) ({device.type}, "
+              f"{layout}); checkpoint {manager.latest()}; losses in {loss_log}", file=sys.stderr)
         if args.export_hf:
             dcp_to_hf(manager.latest(), args.export_hf)
             print(f"exported {args.export_hf} (load it with minllama.core.load_pretrained)", file=sys.stderr)

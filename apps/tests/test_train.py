@@ -71,7 +71,7 @@ def test_train_bad_arguments_are_one_clear_line(tmp_path):
 def test_train_help_documents_the_options():
     out = train("--help")
     for option in ["--steps", "--ckpt-every", "--batch-size", "--bf16", "--async-save", "--activation-checkpointing",
-                   "--export-hf", "--fresh", "torchrun"]:
+                   "--export-hf", "--fresh", "torchrun", "--tp", "--dp-shard", "--pp", "--cp"]:
         assert option in out.stdout
 
 
@@ -83,3 +83,38 @@ def test_bench_dist_prints_the_comparison():
     assert "load average before" in out.stdout and "load average after" in out.stdout
     ddp, fsdp = lines["unsharded (DDP)"], lines["FSDP2, prefetch 1"]
     assert float(fsdp[-6]) == pytest.approx(float(ddp[-6]) / 2, rel=0.02)  # parameters: half per rank on 2 ranks
+
+
+@pytest.mark.slow
+def test_train_fsdp_x_tp_resumes_on_other_meshes(tmp_path):
+    """4 ranks (dp_shard 2 x tp 2) killed after step 4, resumed by 2 ranks (tp 2), finished by one process: the
+    loss curve is the unbroken single process's (to float rounding: the layouts sum in other orders)."""
+    single = train(*SMALL, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    out = tmp_path / "moved"
+    killed = train(*SMALL, "--tp", "2", "--out", str(out), "--crash-at-step", "4", ranks=4)
+    assert killed.returncode != 0 and len(losses(out)) == 4
+    tp_only = train(*SMALL[:1], "5", *SMALL[2:], "--tp", "2", "--out", str(out), ranks=2)
+    assert tp_only.returncode == 0 and "step 3" in tp_only.stderr and "tp=2" in tp_only.stderr, tp_only.stderr
+    alone = train(*SMALL, "--out", str(out))
+    assert alone.returncode == 0 and "step 5" in alone.stderr, alone.stderr
+    assert losses(out) == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    sample = [line for line in single.stdout.splitlines() if line.startswith("[step 6]")]
+    assert sample and sample[0] in alone.stdout  # sampling through the sharded model: the same greedy text
+
+
+def test_train_bad_mesh_is_one_clear_line(tmp_path):
+    """Checked before any process group: WORLD_SIZE (what torchrun sets) is enough to reject a mesh."""
+    cases = [({}, ["--tp", "3"], "does not divide the world size 1"),
+             ({}, ["--dp-shard", "2"], "leave --dp-shard out"),
+             ({}, ["--pp", "2"], "pp x cp x tp = 2 x 1 x 1 = 2 does not divide the world size 1"),
+             ({"WORLD_SIZE": "4"}, ["--tp", "4"], "n_kv_heads=2 does not split over --tp 4 ranks"),
+             ({"WORLD_SIZE": "2"}, ["--tp", "2", "--seq-len", "33"], "--seq-len 33 does not split"),
+             ({"WORLD_SIZE": "4"}, ["--tp", "2", "--batch-size", "3"], "multiple of the 2 data-parallel groups"),
+             ({"WORLD_SIZE": "2"}, ["--pp", "2"], "--pp and --cp are validated but not yet applied")]
+    for env, args, message in cases:
+        out = subprocess.run([sys.executable, str(APPS / "train.py"), *args, "--out", str(tmp_path / "x")],
+                             capture_output=True, text=True, timeout=120, cwd=APPS.parent, env={**ENV, **env})
+        assert out.returncode != 0
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, out.stderr

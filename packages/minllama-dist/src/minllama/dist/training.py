@@ -7,12 +7,15 @@ so N ranks compute exactly the gradient of one process on the global batch: the 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 
 def lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -60,15 +63,22 @@ class TokenBatches:
 
 
 def train_step(model, optimizer, tokens: Tensor, max_grad_norm: float | None = 1.0) -> float:
-    """One optimizer step on this rank's rows; returns the loss averaged over *all* ranks (the global loss)."""
-    logits = model(tokens[:, :-1])  # (b, T, vocab)
-    loss = lm_loss(logits, tokens)
-    loss.backward()
+    """One optimizer step on this rank's rows; returns the loss averaged over *all* ranks (the global loss).
+
+    Tensor-parallel ranks of one data-parallel group hold the same rows and the same loss, so the average over all
+    ranks is still the average over the data-parallel groups."""
+    logits = model(tokens[:, :-1])  # (b, T, vocab); under tensor parallel a DTensor, sharded over the vocabulary
+    # vocabulary-sharded logits: the loss and its backward run in loss_parallel (parallelize.py says why)
+    with loss_parallel() if isinstance(logits, DTensor) else nullcontext():
+        loss = lm_loss(logits, tokens)
+        loss.backward()
     if max_grad_norm is not None:  # on DTensor gradients this computes the *global* norm (a collective)
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss = loss.detach()
+    if isinstance(loss, DTensor):  # replicated over the tensor-parallel ranks: every rank holds the value
+        loss = loss.to_local()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(loss)  # sum (gloo has no average), then divide
         loss /= dist.get_world_size()
