@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from minllama.core import LlamaConfig, MinimalLlama
 from minllama.core.model import rope_cache, rope_frequencies
 
+from .fsdp import apply_activation_checkpointing
 from .training import lm_loss
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
@@ -116,14 +117,19 @@ def check_pipeline_args(cfg: LlamaConfig, world: int, pp: int, schedule: str, ba
     """Refuse, with one clear ValueError, a pipeline that cannot be built (before any process group work)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
-    if pp < 1 or world % pp:
+    if cfg.tie_embeddings:
+        raise ValueError(f"{cfg.name} ties the head to the embedding, one parameter that the first and last stages "
+                         "would both need: pipeline parallelism needs a config with untied embeddings")
+    if pp < 1:
+        raise ValueError(f"--pp {pp}: a pipeline has at least 1 stage per rank; use --pp 1 (no pipeline) or more")
+    per_rank = STAGES_PER_RANK[schedule]
+    if cfg.n_layers % (pp * per_rank):
+        options = [k for k in range(1, cfg.n_layers + 1) if cfg.n_layers % (k * per_rank) == 0]
+        raise ValueError(f"{cfg.n_layers} layers do not split into {pp * per_rank} pipeline stages ({schedule}: "
+                         f"{per_rank} per rank x --pp {pp}): choose --pp among {options or 'none: use 1f1b'}")
+    if world % pp:
         raise ValueError(f"{world} ranks do not split into pipelines of {pp} stages: run a multiple of --pp ranks "
                          f"(or choose --pp among {_divisors(world)})")
-    n_stages = pp * STAGES_PER_RANK[schedule]
-    if cfg.n_layers % n_stages:
-        raise ValueError(f"{cfg.n_layers} layers do not split into {n_stages} pipeline stages ({schedule}: "
-                         f"{STAGES_PER_RANK[schedule]} per rank x --pp {pp}): choose --pp so that the stages divide "
-                         f"the layers")
     dp = world // pp
     if microbatches < 1 or batch_size % (dp * microbatches):
         raise ValueError(f"--batch-size {batch_size} does not split into {dp} data-parallel replica(s) x "
@@ -131,9 +137,6 @@ def check_pipeline_args(cfg: LlamaConfig, world: int, pp: int, schedule: str, ba
     if schedule == "interleaved" and microbatches % pp:
         raise ValueError(f"the interleaved schedule runs micro-batches in rounds of {pp} (one per stage): use a "
                          f"multiple of --pp {pp} micro-batches (not {microbatches})")
-    if cfg.tie_embeddings:
-        raise ValueError(f"{cfg.name or 'this config'} ties the head to the embedding, one parameter that the first "
-                         "and last stages would both need: pipeline parallelism needs untied embeddings")
 
 
 @dataclass
@@ -165,7 +168,7 @@ class Pipeline:
 
 
 def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, schedule: str = "1f1b",
-                   microbatches: int = 4) -> Pipeline:
+                   microbatches: int = 4, activation_checkpointing: bool = False) -> Pipeline:
     """Cut ``model`` into stages, keep this rank's, shard it over "dp_shard" (FSDP2, when that dimension has more
     than one rank) and build the schedule. Every rank calls it with the same, full ``model`` (e.g. drawn from one
     seed); the other ranks' layers are dropped with ``model``.
@@ -184,6 +187,9 @@ def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, 
     everything = [i for s in mine for i in ranges[s]]
     owned = chunks[0] if len(chunks) == 1 else cut_stage(model, everything, 0 in mine, n_stages - 1 in mine)
     owned.to(device)
+    if activation_checkpointing:  # each stage holds m micro-batches' activations at most: recompute them instead
+        for block in owned.layers.values():
+            apply_activation_checkpointing(block)
     if dp_mesh.size() > 1:
         for block in owned.layers.values():  # one FSDP group per block, as apply_fsdp does
             # keep the gathered weights from forward to backward: a block runs once per micro-batch, resharding
@@ -234,3 +240,17 @@ def pipeline_train_step(pipe: Pipeline, optimizer, tokens: Tensor, max_grad_norm
     loss = loss if loss is not None else torch.zeros((), device=tokens.device)
     dist.all_reduce(loss)  # only the last stage's ranks hold a loss (one per replica): the sum is theirs
     return float(loss) / pipe.dp_size
+
+
+def pipeline_for_training(cfg: LlamaConfig, seed: int, device: torch.device, pp: int, schedule: str,
+                          microbatches: int, batch_size: int, activation_checkpointing: bool = False) -> Pipeline:
+    """What ``apps/train.py --pp`` calls: check the options, build the mesh, draw the initial weights and cut.
+
+    Every rank draws the *full* model from ``seed`` on the CPU (the numbers of one process, ``init_from_rank0``'s
+    too, so runs on any layout start equal) and keeps its stages: fine at tutorial sizes; a large model would be
+    built on the meta device and filled from a checkpoint (``load_checkpoint`` reads just this rank's tensors)."""
+    check_pipeline_args(cfg, dist.get_world_size(), pp, schedule, batch_size, microbatches)
+    torch.manual_seed(seed)
+    full = MinimalLlama(cfg)
+    full.init_weights()
+    return build_pipeline(full, pipeline_mesh(device, pp), device, schedule, microbatches, activation_checkpointing)
