@@ -116,8 +116,11 @@ def test_interleaved_puts_two_looped_stages_on_each_rank(pp2_runs):
     assert {k.split(".")[1] for k in r1["keys"] if k.startswith("layers.")} == {"1", "3"}
 
 
+FOUR_RANK_VARIANTS = ("gpipe", "1f1b-clipped", "interleaved")
+
+
 def pp_fsdp_worker(rank, world, ckpt):
-    out = {variant: pipelined_run(rank, world, variant, microbatches=2) for variant in ("gpipe", "1f1b-clipped")}
+    out = {variant: pipelined_run(rank, world, variant, microbatches=2) for variant in FOUR_RANK_VARIANTS}
     model = tiny_model("tiny-gqa")  # and a checkpoint of this layout, model + AdamW state, for one process
     pipe = build_pipeline(model, pipeline_mesh(CPU, 2), CPU, "1f1b", 2)
     opt = torch.optim.AdamW(pipe.model.parameters(), lr=1e-2)
@@ -130,7 +133,7 @@ def pp_fsdp_worker(rank, world, ckpt):
 
 def test_pipeline_x_fsdp_on_four_ranks_equals_single_process(tmp_path):
     runs = ok(run_ranks(pp_fsdp_worker, 4, str(tmp_path / "ckpt"), tmp=tmp_path, timeout=300))
-    for variant in ("gpipe", "1f1b-clipped"):
+    for variant in FOUR_RANK_VARIANTS:
         assert_equal_to_single_process([r[variant] for r in runs], variant)
     # mesh [[0, 1], [2, 3]]: ranks 0, 1 hold stage 0, each half of it (FSDP); ranks 2, 3 hold stage 1
     assert runs[0]["gpipe"]["keys"] == runs[1]["gpipe"]["keys"] != runs[2]["gpipe"]["keys"] == runs[3]["gpipe"]["keys"]
