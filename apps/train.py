@@ -3,6 +3,7 @@
     uv run apps/train.py --steps 300                                           # one process (GPU if there is one)
     uv run torchrun --standalone --nproc-per-node 2 apps/train.py --steps 300  # 2 processes, sharded (FSDP2)
     MINLLAMA_DEVICE=cpu uv run torchrun --standalone --nproc-per-node 2 apps/train.py   # 2 CPU processes (gloo)
+    uv run torchrun --standalone --nproc-per-node 4 apps/train.py --pp 2       # pipeline: 2 stages x FSDP over 2
 
 Tokens are bytes (vocab 256, the size of the tiny presets), so no tokenizer is needed. The default corpus,
 apps/data/fables.txt, is original text dedicated to the public domain (CC0). Every --ckpt-every steps a DCP
@@ -28,8 +29,8 @@ import torch.distributed as dist
 from minllama.core import CheckpointError, LlamaConfig
 from minllama.core.config import PRESETS
 from minllama.dist import (CheckpointManager, TokenBatches, apply_fsdp, check_checkpoint, data_parallel_mesh,
-                           dcp_to_hf, init_distributed, init_from_rank0, materialize, meta_model, shutdown,
-                           train_step)
+                           dcp_to_hf, init_distributed, init_from_rank0, materialize, meta_model,
+                           pipeline_for_training, pipeline_train_step, shutdown, train_step)
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "fables.txt"
 
@@ -56,6 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per process (default 1: measured on 2 shared cores, the tiny default model "
                         "trains no faster with 2, and 2 ranks x 2 threads oversubscribe them)")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline-parallel stages: each rank holds 1/pp of the layers; the world size must be a "
+                        "multiple (the other factor shards each stage with FSDP) (default 1: no pipeline)")
+    p.add_argument("--pp-schedule", choices=["gpipe", "1f1b", "interleaved"], default="1f1b",
+                   help="the pipeline schedule; interleaved: 2 stages per rank (default 1f1b)")
+    p.add_argument("--microbatches", type=int, default=4,
+                   help="micro-batches per step under --pp (the per-replica batch must divide) (default 4)")
     p.add_argument("--crash-at-step", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL self after that step
     return p.parse_args(argv)
 
@@ -101,11 +109,23 @@ def main(argv=None) -> int:
 
     # The model: built on the meta device, sharded, and only then allocated (each rank: its shards only). Rank 0
     # draws the initial weights and broadcasts them, so that 1 and N ranks start from the same numbers.
-    model = meta_model(cfg)
-    apply_fsdp(model, data_parallel_mesh(device), param_dtype=torch.bfloat16 if args.bf16 else None,
-               activation_checkpointing=args.activation_checkpointing)
-    materialize(model, device, init=False)
-    init_from_rank0(model, args.seed)
+    # With --pp, each rank keeps only its stages' layers (minllama.dist.pipeline), starting from the same numbers.
+    data_rank, data_world, pipe = rank, world, None
+    if args.pp != 1:
+        if args.bf16:
+            sys.exit("error: --bf16 is not supported with --pp: train the pipeline in fp32 (drop --bf16)")
+        try:
+            pipe = pipeline_for_training(cfg, args.seed, device, args.pp, args.pp_schedule, args.microbatches,
+                                         args.batch_size, activation_checkpointing=args.activation_checkpointing)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        model, data_rank, data_world = pipe.model, pipe.dp_rank, pipe.dp_size
+    else:
+        model = meta_model(cfg)
+        apply_fsdp(model, data_parallel_mesh(device), param_dtype=torch.bfloat16 if args.bf16 else None,
+                   activation_checkpointing=args.activation_checkpointing)
+        materialize(model, device, init=False)
+        init_from_rank0(model, args.seed)
     torch.manual_seed(args.seed + rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     data = TokenBatches(encode(args.corpus.read_text("utf-8")), args.seq_len, args.batch_size, seed=args.seed)
@@ -134,6 +154,8 @@ def main(argv=None) -> int:
                   f"more --steps to go on, or --fresh to start over", file=sys.stderr)
         if main_rank:
             print(f"resumed from {manager.latest()} (step {start})", file=sys.stderr)
+    if main_rank and pipe and args.sample_every:
+        print("no samples under --pp: each rank holds only some of the layers", file=sys.stderr)
     if main_rank:  # the loss log continues from the checkpoint: drop the rows of steps that are being redone
         args.out.mkdir(parents=True, exist_ok=True)
         rows = loss_log.read_text().splitlines()[1:] if loss_log.is_file() and start else []
@@ -145,7 +167,8 @@ def main(argv=None) -> int:
     bar = tqdm(total=args.steps, initial=start, disable=not main_rank, unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in range(start + 1, args.steps + 1):
-        loss = train_step(model, optimizer, data.next_for_rank(rank, world).to(device))
+        tokens = data.next_for_rank(data_rank, data_world).to(device)
+        loss = pipeline_train_step(pipe, optimizer, tokens) if pipe else train_step(model, optimizer, tokens)
         if main_rank:
             with open(loss_log, "a") as f:
                 f.write(f"{step},{loss:.7f}\n")
@@ -153,7 +176,7 @@ def main(argv=None) -> int:
         bar.update()
         if step % args.ckpt_every == 0 or step == args.steps:
             manager.save(step, model, optimizer, {"data_position": data.position, **run_shape})
-        if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+        if args.sample_every and not pipe and (step % args.sample_every == 0 or step == args.steps):
             text = sample(model, args.prompt, 48, device)
             if main_rank:
                 bar.write(f"[step {step}] {text!r}")
