@@ -16,8 +16,9 @@ CPU = torch.device("cpu")
 SCHEDULE_LAYERS = {"gpipe": 2, "1f1b": 2, "interleaved": 4}  # interleaved: 2 stages per rank x 2 ranks
 # Gradients are compared unclipped: clipping to norm 1 would hide a gradient scaled by any factor. One variant clips
 # (its norm is then summed over the stages) and is compared with one process clipping the same way.
-VARIANTS = {"gpipe": ("gpipe", None), "1f1b": ("1f1b", None), "interleaved": ("interleaved", None),
-            "1f1b-clipped": ("1f1b", 1.0)}
+VARIANTS = {"gpipe": ("gpipe", None, False), "1f1b": ("1f1b", None, False),  # (schedule, clip, recompute)
+            "interleaved": ("interleaved", None, False), "1f1b-clipped": ("1f1b", 1.0, False),
+            "gpipe-activation-checkpointing": ("gpipe", None, True)}
 
 
 def batches() -> TokenBatches:
@@ -52,9 +53,10 @@ def single_process(n_layers: int, steps: int = STEPS, clip: float | None = 1.0):
 
 
 def pipelined_run(rank, world, variant, microbatches, pp=2):
-    schedule, clip = VARIANTS[variant]
+    schedule, clip, recompute = VARIANTS[variant]
     model = tiny_model("tiny-gqa", n_layers=SCHEDULE_LAYERS[schedule])  # every rank: the same full model
-    pipe = build_pipeline(model, pipeline_mesh(CPU, pp), CPU, schedule, microbatches)
+    pipe = build_pipeline(model, pipeline_mesh(CPU, pp), CPU, schedule, microbatches,
+                          activation_checkpointing=recompute)
     opt = RecordingAdamW(pipe.model, lr=1e-2)
     data = batches()
     losses = [pipeline_train_step(pipe, opt, data.next_for_rank(pipe.dp_rank, pipe.dp_size), max_grad_norm=clip)
@@ -63,7 +65,8 @@ def pipelined_run(rank, world, variant, microbatches, pp=2):
             "shapes": {k: tuple(as_full(v).shape) for k, v in pipe.model.state_dict().items()},
             "local_numel": sum((p.to_local() if isinstance(p, DTensor) else p).numel()
                                for p in pipe.model.parameters()),
-            "stages": [s.stage_index for s in pipe.stages]}
+            "stages": [s.stage_index for s in pipe.stages],
+            "recomputes": all("forward" in vars(b) for b in pipe.model.layers.values())}  # checkpointed forward
 
 
 def two_rank_worker(rank, world):
@@ -76,7 +79,7 @@ def pp2_runs(tmp_path_factory):
 
 
 def assert_equal_to_single_process(runs, variant):
-    schedule, clip = VARIANTS[variant]
+    schedule, clip, _ = VARIANTS[variant]
     ref_losses, ref_grads, _ = single_process(SCHEDULE_LAYERS[schedule], clip=clip)
     for run in runs:
         assert run["losses"] == pytest.approx(ref_losses, abs=1e-5)  # the global loss, on every rank
@@ -107,6 +110,11 @@ def test_stages_keep_the_full_models_parameter_names(pp2_runs, schedule):
     for r in (r0, r1):
         assert all(r["shapes"][k] == tuple(full[k].shape) for k in r["keys"])
     assert "tok_embeddings.weight" in r0["keys"] and {"norm.weight", "output.weight"} <= set(r1["keys"])
+
+
+def test_activation_checkpointing_was_applied_to_every_block(pp2_runs):
+    assert all(r["gpipe-activation-checkpointing"]["recomputes"] for r in pp2_runs)
+    assert not any(r["gpipe"]["recomputes"] for r in pp2_runs)
 
 
 def test_interleaved_puts_two_looped_stages_on_each_rank(pp2_runs):

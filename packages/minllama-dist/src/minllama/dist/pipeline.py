@@ -162,10 +162,6 @@ class Pipeline:
     def dp_size(self) -> int:
         return self.mesh["dp_shard"].size()
 
-    @property
-    def has_last_stage(self) -> bool:
-        return any(s.is_last for s in self.stages)
-
 
 def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, schedule: str = "1f1b",
                    microbatches: int = 4, activation_checkpointing: bool = False) -> Pipeline:
@@ -186,8 +182,9 @@ def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, 
     chunks = [cut_stage(model, ranges[s], s == 0, s == n_stages - 1) for s in mine]
     everything = [i for s in mine for i in ranges[s]]
     owned = chunks[0] if len(chunks) == 1 else cut_stage(model, everything, 0 in mine, n_stages - 1 in mine)
-    owned.to(device)
-    if activation_checkpointing:  # each stage holds m micro-batches' activations at most: recompute them instead
+    for part in [*chunks, owned]:  # (the modules are shared; each part also holds its own reference to the rope)
+        part.to(device)
+    if activation_checkpointing:  # keep only each block's input per micro-batch; recompute the rest in backward
         for block in owned.layers.values():
             apply_activation_checkpointing(block)
     if dp_mesh.size() > 1:
