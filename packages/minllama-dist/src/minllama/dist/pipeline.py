@@ -17,6 +17,7 @@ another pipeline layout, and back.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -197,6 +198,10 @@ def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, 
     group = pp_mesh.get_group()
     stages = [PipelineStage(chunk, s, n_stages, device, group=group) for chunk, s in zip(chunks, mine)]
     runner = SCHEDULES[schedule]
+    if "scale_grads" not in inspect.signature(runner.__init__).parameters:
+        # older schedules summed the micro-batches' gradients (m times the one-process gradient), silently
+        raise RuntimeError(f"PyTorch {torch.__version__}'s pipeline schedules do not average gradients over "
+                           "micro-batches (no scale_grads): minllama.dist.pipeline needs PyTorch 2.7 or newer")
     sched = runner(stages if len(stages) > 1 else stages[0], n_microbatches=microbatches, loss_fn=lm_loss)
     return Pipeline(owned, stages, sched, mesh)
 
@@ -223,7 +228,9 @@ def pipeline_forward_backward(pipe: Pipeline, tokens: Tensor) -> Tensor | None:
     rank that holds the last stage, None elsewhere."""
     losses: list[Tensor] = []
     inputs = (tokens[:, :-1],) if pipe.stages[0].is_first else ()  # (b, T): only the first stage reads tokens
-    pipe.schedule.step(*inputs, target=tokens, losses=losses, return_outputs=False)
+    # newer PyTorch can skip gathering the last stage's logits into one tensor: nobody reads them here
+    skip = {"return_outputs": False} if "return_outputs" in inspect.signature(pipe.schedule.step).parameters else {}
+    pipe.schedule.step(*inputs, target=tokens, losses=losses, **skip)
     return torch.stack(losses).mean().detach() if losses else None  # equal micro-batches: mean of means
 
 
