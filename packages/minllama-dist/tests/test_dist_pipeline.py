@@ -224,3 +224,15 @@ def test_bad_pipeline_options_are_one_clear_error(kwargs, words):
 def test_a_tied_head_cannot_be_cut():
     with pytest.raises(ValueError, match="tied head"):
         cut_stage(tiny_model("tiny-mqa"), range(0, 1), True, False)
+
+
+def test_a_pytorch_whose_schedules_sum_the_micro_batch_gradients_is_refused(monkeypatch):
+    import minllama.dist.pipeline as pipeline
+
+    class OldSchedule:  # an older PyTorch's schedule signature: no scale_grads
+        def __init__(self, stage, n_microbatches, loss_fn=None):
+            raise AssertionError("never built")
+
+    monkeypatch.setitem(pipeline.SCHEDULES, "1f1b", OldSchedule)
+    with pytest.raises(RuntimeError, match="do not average gradients over micro-batches.*PyTorch 2.7 or newer"):
+        build_pipeline(tiny_model(), mesh=None, device=CPU, schedule="1f1b")

@@ -175,6 +175,11 @@ def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, 
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    runner = SCHEDULES[schedule]
+    if "scale_grads" not in inspect.signature(runner.__init__).parameters:
+        # older schedules summed the micro-batches' gradients (m times the one-process gradient), silently
+        raise RuntimeError(f"PyTorch {torch.__version__}'s pipeline schedules do not average gradients over "
+                           "micro-batches (no scale_grads): minllama.dist.pipeline needs PyTorch 2.7 or newer")
     pp_mesh, dp_mesh = mesh["pp"], mesh["dp_shard"]
     pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
     n_stages = pp * STAGES_PER_RANK[schedule]
@@ -197,11 +202,6 @@ def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, 
             fully_shard(chunk, mesh=dp_mesh, reshard_after_forward=False)
     group = pp_mesh.get_group()
     stages = [PipelineStage(chunk, s, n_stages, device, group=group) for chunk, s in zip(chunks, mine)]
-    runner = SCHEDULES[schedule]
-    if "scale_grads" not in inspect.signature(runner.__init__).parameters:
-        # older schedules summed the micro-batches' gradients (m times the one-process gradient), silently
-        raise RuntimeError(f"PyTorch {torch.__version__}'s pipeline schedules do not average gradients over "
-                           "micro-batches (no scale_grads): minllama.dist.pipeline needs PyTorch 2.7 or newer")
     sched = runner(stages if len(stages) > 1 else stages[0], n_microbatches=microbatches, loss_fn=lm_loss)
     return Pipeline(owned, stages, sched, mesh)
 
