@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "multiple (the other factor shards each stage with FSDP) (default 1: no pipeline)")
     p.add_argument("--pp-schedule", choices=["gpipe", "1f1b", "interleaved"], default="1f1b",
                    help="the pipeline schedule; interleaved: 2 stages per rank (default 1f1b)")
+    p.add_argument("--layers", type=int,
+                   help="override the preset's number of layers (the tiny ones have 2; e.g. 4 for --pp 2 --pp-schedule "
+                        "interleaved, which needs 2 stages per rank)")
     p.add_argument("--microbatches", type=int, default=4,
                    help="micro-batches per step under --pp (the per-replica batch must divide) (default 4)")
     p.add_argument("--crash-at-step", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL self after that step
@@ -93,7 +96,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.config.lower() not in PRESETS:
         sys.exit(f"error: unknown --config {args.config!r}")
-    cfg = LlamaConfig.from_name(args.config)
+    if args.layers is not None and args.layers < 1:
+        sys.exit(f"error: --layers {args.layers}: a model needs at least 1 layer")
+    cfg = LlamaConfig.from_name(args.config, **({"n_layers": args.layers} if args.layers else {}))
     if cfg.vocab_size < 256:
         sys.exit(f"error: --config {args.config} has vocab_size {cfg.vocab_size}; byte tokens need 256")
     if args.seq_len > cfg.max_seq_len:

@@ -49,11 +49,24 @@ def test_train_resumes_across_pipeline_and_one_process_layouts(tmp_path):
     assert losses(tmp_path / "grow") == pytest.approx(unbroken, abs=LAYOUT_TOLERANCE)
 
 
+@pytest.mark.slow
+def test_train_interleaved_schedule_equals_one_process(tmp_path):
+    deeper = [*SMALL, "--layers", "4"]  # 2 ranks x 2 stages each: 4 layers, one per stage
+    single = train(*deeper, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    interleaved = train(*deeper, "--out", str(tmp_path / "pp"), "--pp", "2", "--pp-schedule", "interleaved", ranks=2)
+    assert interleaved.returncode == 0, interleaved.stderr
+    one = losses(tmp_path / "one")
+    assert losses(tmp_path / "pp") == pytest.approx(one, abs=LAYOUT_TOLERANCE)
+    assert one[-1] < one[0] - 0.5  # it learns
+
+
 @pytest.mark.parametrize("args, ranks, words", [
     (["--pp", "2"], 1, "1 ranks do not split into pipelines of 2 stages"),
     (["--pp", "2", "--pp-schedule", "interleaved"], 1, "2 layers do not split into 4 pipeline stages"),
     (["--pp", "2", "--config", "tiny-mqa"], 1, "ties the head to the embedding"),
     (["--pp", "2", "--bf16"], 1, "--bf16 is not supported with --pp"),
+    (["--layers", "0"], 1, "--layers 0: a model needs at least 1 layer"),
     (["--pp", "2", "--microbatches", "3"], 2, "--batch-size 4 does not split into 1 data-parallel replica(s) x 3"),
 ])
 def test_train_bad_pipeline_options_are_one_clear_line(tmp_path, args, ranks, words):
