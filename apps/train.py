@@ -4,6 +4,7 @@
     uv run torchrun --standalone --nproc-per-node 2 apps/train.py --steps 300  # 2 processes, sharded (FSDP2)
     MINLLAMA_DEVICE=cpu uv run torchrun --standalone --nproc-per-node 2 apps/train.py   # 2 CPU processes (gloo)
     uv run torchrun --standalone --nproc-per-node 4 apps/train.py --tp 2       # FSDP over 2 x tensor parallel 2
+    uv run torchrun --standalone --nproc-per-node 4 apps/train.py --pp 2       # pipeline: 2 stages x FSDP over 2
 
 The ranks form a (pp, dp_shard, cp, tp) mesh: --tp splits every weight matrix (and the sequence between blocks)
 over that many neighbouring ranks; FSDP shards over the rest (--dp-shard, derived: world / (pp * cp * tp)).
@@ -32,8 +33,8 @@ import torch.distributed as dist
 from minllama.core import CheckpointError, LlamaConfig
 from minllama.core.config import PRESETS
 from minllama.dist import (MESH_DIMS, CheckpointManager, TokenBatches, build_mesh, check_checkpoint, dcp_to_hf,
-                           init_distributed, init_from_rank0, materialize, meta_model, parallelize_llama, plan_mesh,
-                           shutdown, train_step)
+                           init_distributed, init_from_rank0, materialize, meta_model, parallelize_llama,
+                           pipeline_for_training, pipeline_train_step, plan_mesh, shutdown, train_step)
 from minllama.dist.parallelize import full_logits, pad_to_multiple
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "fables.txt"
@@ -64,7 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: ranks that split each weight matrix "
                    "and, between blocks, the sequence (default 1)")
     p.add_argument("--dp-shard", type=int, help="FSDP degree (default: world / (pp * cp * tp))")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages (only 1 in this version; validated)")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline-parallel stages: each rank holds 1/pp of the layers; the world size must be a "
+                        "multiple (the other factor shards each stage with FSDP) (default 1: no pipeline)")
+    p.add_argument("--pp-schedule", choices=["gpipe", "1f1b", "interleaved"], default="1f1b",
+                   help="the pipeline schedule; interleaved: 2 stages per rank (default 1f1b)")
+    p.add_argument("--layers", type=int,
+                   help="override the preset's number of layers (the tiny ones have 2; e.g. 4 for --pp 2 --pp-schedule "
+                        "interleaved, which needs 2 stages per rank)")
+    p.add_argument("--microbatches", type=int, default=4,
+                   help="micro-batches per step under --pp (the per-replica batch must divide) (default 4)")
     p.add_argument("--cp", type=int, default=1, help="context-parallel degree (only 1 in this version; validated)")
     p.add_argument("--crash-at-step", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL self after that step
     return p.parse_args(argv)
@@ -98,7 +108,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.config.lower() not in PRESETS:
         sys.exit(f"error: unknown --config {args.config!r}")
-    cfg = LlamaConfig.from_name(args.config)
+    if args.layers is not None and args.layers < 1:
+        sys.exit(f"error: --layers {args.layers}: a model needs at least 1 layer")
+    cfg = LlamaConfig.from_name(args.config, **({"n_layers": args.layers} if args.layers else {}))
     if cfg.vocab_size < 256:
         sys.exit(f"error: --config {args.config} has vocab_size {cfg.vocab_size}; byte tokens need 256")
     if args.seq_len > cfg.max_seq_len:
@@ -110,8 +122,13 @@ def main(argv=None) -> int:
                           dp_shard=args.dp_shard, cfg=cfg, seq_len=args.seq_len)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    if shape.pp > 1 or shape.cp > 1:
-        sys.exit("error: --pp and --cp are validated but not yet applied by this version of train.py: use 1")
+    if shape.pp > 1 and (shape.tp > 1 or shape.cp > 1):
+        sys.exit("error: --pp composes with FSDP (the other mesh dimension) in this version, not yet with --tp or "
+                 "--cp: use one of them")
+    if shape.pp > 1 and args.bf16:
+        sys.exit("error: --bf16 is not supported with --pp: train the pipeline in fp32 (drop --bf16)")
+    if shape.cp > 1:
+        sys.exit("error: --cp is validated but not yet applied by this version of train.py: use 1")
     if cfg.max_seq_len % shape.tp:
         sys.exit(f"error: --config {args.config} has a context of {cfg.max_seq_len}, not a multiple of --tp "
                  f"{shape.tp} (sampling pads the window to one)")
@@ -122,17 +139,26 @@ def main(argv=None) -> int:
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     main_rank = rank == 0
-    mesh = build_mesh(shape, device.type)
-    dp_rank = mesh["dp_shard"].get_local_rank()  # which rows of each global batch are ours
-
     # The model: built on the meta device, sharded (tensor parallel over "tp", then FSDP over "dp_shard"), and only
     # then allocated (each rank: its shards only). Rank 0 draws the initial weights and broadcasts them, so that
-    # every mesh starts from the same numbers.
-    model = meta_model(cfg)
-    parallelize_llama(model, mesh, param_dtype=torch.bfloat16 if args.bf16 else None,
-                      activation_checkpointing=args.activation_checkpointing)
-    materialize(model, device, init=False)
-    init_from_rank0(model, args.seed)
+    # every mesh starts from the same numbers. With --pp, each rank keeps only its stages' layers
+    # (minllama.dist.pipeline, which builds its own ("pp", "dp_shard") mesh), starting from the same numbers.
+    pipe = None
+    if shape.pp > 1:
+        try:
+            pipe = pipeline_for_training(cfg, args.seed, device, args.pp, args.pp_schedule, args.microbatches,
+                                         args.batch_size, activation_checkpointing=args.activation_checkpointing)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        model, dp_rank = pipe.model, pipe.dp_rank
+    else:
+        mesh = build_mesh(shape, device.type)
+        dp_rank = mesh["dp_shard"].get_local_rank()  # which rows of each global batch are ours
+        model = meta_model(cfg)
+        parallelize_llama(model, mesh, param_dtype=torch.bfloat16 if args.bf16 else None,
+                          activation_checkpointing=args.activation_checkpointing)
+        materialize(model, device, init=False)
+        init_from_rank0(model, args.seed)
     torch.manual_seed(args.seed + rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     data = TokenBatches(encode(args.corpus.read_text("utf-8")), args.seq_len, args.batch_size, seed=args.seed)
@@ -161,6 +187,8 @@ def main(argv=None) -> int:
                   f"more --steps to go on, or --fresh to start over", file=sys.stderr)
         if main_rank:
             print(f"resumed from {manager.latest()} (step {start})", file=sys.stderr)
+    if main_rank and pipe and args.sample_every:
+        print("no samples under --pp: each rank holds only some of the layers", file=sys.stderr)
     if main_rank:  # the loss log continues from the checkpoint: drop the rows of steps that are being redone
         args.out.mkdir(parents=True, exist_ok=True)
         rows = loss_log.read_text().splitlines()[1:] if loss_log.is_file() and start else []
@@ -172,7 +200,8 @@ def main(argv=None) -> int:
     bar = tqdm(total=args.steps, initial=start, disable=not main_rank, unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in range(start + 1, args.steps + 1):
-        loss = train_step(model, optimizer, data.next_for_rank(dp_rank, shape.dp_shard).to(device))
+        tokens = data.next_for_rank(dp_rank, shape.dp_shard).to(device)
+        loss = pipeline_train_step(pipe, optimizer, tokens) if pipe else train_step(model, optimizer, tokens)
         if main_rank:
             with open(loss_log, "a") as f:
                 f.write(f"{step},{loss:.7f}\n")
@@ -180,7 +209,7 @@ def main(argv=None) -> int:
         bar.update()
         if step % args.ckpt_every == 0 or step == args.steps:
             manager.save(step, model, optimizer, {"data_position": data.position, **run_shape})
-        if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+        if args.sample_every and not pipe and (step % args.sample_every == 0 or step == args.steps):
             text = sample(model, args.prompt, 48, device, shape.tp)
             if main_rank:
                 bar.write(f"[step {step}] {text!r}")
