@@ -3,6 +3,7 @@
     uv run apps/train.py --steps 300                                           # one process (GPU if there is one)
     uv run torchrun --standalone --nproc-per-node 2 apps/train.py --steps 300  # 2 processes, sharded (FSDP2)
     MINLLAMA_DEVICE=cpu uv run torchrun --standalone --nproc-per-node 2 apps/train.py   # 2 CPU processes (gloo)
+    uv run torchrun --standalone --nproc-per-node 4 apps/train.py --cp 2    # rings of 2 ranks split each window
 
 Tokens are bytes (vocab 256, the size of the tiny presets), so no tokenizer is needed. The default corpus,
 apps/data/fables.txt, is original text dedicated to the public domain (CC0). Every --ckpt-every steps a DCP
@@ -28,8 +29,8 @@ import torch.distributed as dist
 from minllama.core import CheckpointError, LlamaConfig
 from minllama.core.config import PRESETS
 from minllama.dist import (CheckpointManager, TokenBatches, apply_fsdp, check_checkpoint, data_parallel_mesh,
-                           dcp_to_hf, init_distributed, init_from_rank0, materialize, meta_model, shutdown,
-                           train_step)
+                           dcp_to_hf, init_distributed, init_from_rank0, materialize, meta_model, shutdown)
+from minllama.dist.context_parallel import context_parallel_training
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "fables.txt"
 
@@ -51,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", default="The fox", help="the start of the printed samples")
     p.add_argument("--bf16", action="store_true", help="compute in bf16 (fp32 master weights and reductions)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--cp", type=int, default=1,
+                   help="context parallel: split each window over N ranks with ring attention; N consecutive ranks "
+                        "read the same rows, and the world must be a multiple of N (default 1)")
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in OUT (start over)")
     p.add_argument("--export-hf", type=Path, help="at the end, also write the model as an HF directory here")
     p.add_argument("--threads", type=int, default=1,
@@ -95,13 +99,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(args.threads, 1))
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    if args.batch_size % world:
-        sys.exit(f"error: --batch-size {args.batch_size} must be a multiple of the {world} ranks")
     main_rank = rank == 0
 
     # The model: built on the meta device, sharded, and only then allocated (each rank: its shards only). Rank 0
     # draws the initial weights and broadcasts them, so that 1 and N ranks start from the same numbers.
     model = meta_model(cfg)
+    try:  # --cp N: rings of N ranks split each window (ring attention), the rings split the batch
+        step_fn, data_rank, data_world = context_parallel_training(model, args.cp, args.batch_size)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     apply_fsdp(model, data_parallel_mesh(device), param_dtype=torch.bfloat16 if args.bf16 else None,
                activation_checkpointing=args.activation_checkpointing)
     materialize(model, device, init=False)
@@ -145,7 +151,7 @@ def main(argv=None) -> int:
     bar = tqdm(total=args.steps, initial=start, disable=not main_rank, unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in range(start + 1, args.steps + 1):
-        loss = train_step(model, optimizer, data.next_for_rank(rank, world).to(device))
+        loss = step_fn(model, optimizer, data.next_for_rank(data_rank, data_world).to(device))
         if main_rank:
             with open(loss_log, "a") as f:
                 f.write(f"{step},{loss:.7f}\n")
