@@ -325,11 +325,12 @@ class ContextParallelAttention(Attention):
 
 def apply_context_parallel(model: MinimalLlama, group=None) -> ContextParallel:
     """Make every attention of ``model`` ring-capable over ``group`` (in place). Weights and state dict unchanged."""
-    cp = ContextParallel(group)
-    for layer in model.layers:
+    for layer in model.layers:  # check them all first: an error leaves the model as it was
         if not isinstance(layer.attention, Attention):
             raise TypeError(f"layer attention is a {type(layer.attention).__name__}, not core's Attention: apply "
                             "context parallelism to a model whose attention modules are core's")
+    cp = ContextParallel(group)
+    for layer in model.layers:
         layer.attention.__class__ = ContextParallelAttention
         layer.attention.context_parallel = cp
     return cp
