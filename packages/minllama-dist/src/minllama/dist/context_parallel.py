@@ -421,7 +421,7 @@ def context_parallel_training(model: MinimalLlama, cp_size: int, global_batch: i
 
     world, rank = dist.get_world_size(), dist.get_rank()
     if cp_size < 1 or world % cp_size:
-        raise ValueError(f"--cp {cp_size} does not divide the {world} ranks into rings: use --cp "
+        raise ValueError(f"--cp {cp_size} does not divide the {world} rank{'s' * (world != 1)} into rings: use --cp "
                          f"{' or '.join(str(d) for d in range(1, world + 1) if world % d == 0)}")
     data_world = world // cp_size
     if global_batch % data_world:
