@@ -36,7 +36,7 @@ from torch import Tensor
 
 from minllama.core.model import Attention, MinimalLlama
 
-BLOCK_ROWS = 1024  # queries per tile inside a block: bounds the transient scores to (BLOCK_ROWS x block keys)
+BLOCK_ROWS = 512  # queries per tile inside a block: bounds the transient scores to (BLOCK_ROWS x block keys)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ class _RingAttention(torch.autograd.Function):
                 s = _scores(q5[..., a:b, :], kv[0, ..., :k_end, :], pos_dev[rank, a:b], pos_dev[src, :k_end],
                             masked, scale)  # (B, G, R, b-a, k_end)
                 block_lse = torch.logsumexp(s, dim=-1)  # (B, G, R, b-a)
-                p = (s - block_lse.masked_fill(block_lse == float("-inf"), 0.0)[..., None]).exp()
+                p = s.sub_(block_lse.masked_fill(block_lse == float("-inf"), 0.0)[..., None]).exp_()  # in place
                 block_out = torch.einsum("bgrls,bgsd->bgrld", p, kv[1, ..., :k_end, :].to(acc))
                 out[..., a:b, :], lse[..., a:b] = merge(out[..., a:b, :], lse[..., a:b], block_out, block_lse)
             if step < world - 1:
@@ -244,10 +244,10 @@ class _RingAttention(torch.autograd.Function):
             for a in range(q_start, L, block_rows):
                 b = min(a + block_rows, L)
                 s = _scores(q5[..., a:b, :], kb, pos_dev[rank, a:b], pos_dev[src, :k_end], masked, scale)
-                p = (s - lse[..., a:b, None]).exp()  # the final softmax probabilities of this tile (B, G, R, l, S)
+                p = s.sub_(lse[..., a:b, None]).exp_()  # the final softmax probabilities of this tile (B, G, R, l, S)
                 dv = torch.einsum("bgrls,bgrld->bgsd", p, dout5[..., a:b, :])
                 dp = torch.einsum("bgrld,bgsd->bgrls", dout5[..., a:b, :], vb)
-                ds = p * (dp - delta[..., a:b, None]) * scale  # d(loss)/d(scores), times the 1/√d of the scores
+                ds = dp.sub_(delta[..., a:b, None]).mul_(p).mul_(scale)  # d(loss)/d(q·k): softmax backward, 1/√d
                 dq[..., a:b, :] += torch.einsum("bgrls,bgsd->bgrld", ds, kb)
                 dkv[0, ..., :k_end, :] += torch.einsum("bgrls,bgrld->bgsd", ds, q5[..., a:b, :].to(acc))
                 dkv[1, ..., :k_end, :] += dv
