@@ -12,18 +12,20 @@ from minllama.dist.context_parallel import (RingLayout, apply_context_parallel, 
                                             cp_train_step, ring_attention)
 
 # (seq_len, n_heads, n_kv_heads, causal, block_rows, dtype): lengths that 2N does not divide, GQA / MHA / MQA, query
-# tiles smaller than a block; one fp64 case shows the merge is exact, not just close
+# tiles smaller than a block; one fp64 case shows the merge is exact, not just close; bf16 (--bf16 training)
+# accumulates in fp32 and is compared with fp32 attention on the same bf16 numbers
 CASES = [(13, 4, 2, True, 1024, torch.float32), (13, 4, 2, False, 1024, torch.float32),
          (16, 4, 4, True, 3, torch.float32), (21, 6, 1, False, 2, torch.float32), (3, 4, 2, True, 1024, torch.float32),
-         (19, 4, 2, True, 4, torch.float64)]
+         (19, 4, 2, True, 4, torch.float64), (13, 4, 2, True, 4, torch.bfloat16)]
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}
 
 
 def qkv(seq_len, n_heads, n_kv_heads, dtype):
     """The whole sequence's q, k, v and an upstream gradient, the same on every rank and in the parent."""
     g = torch.Generator().manual_seed(seq_len * 100 + n_heads * 10 + n_kv_heads)
-    q = torch.randn(2, n_heads, seq_len, 8, generator=g, dtype=dtype)  # (B, H, T, head_dim)
-    k, v = (torch.randn(2, n_kv_heads, seq_len, 8, generator=g, dtype=dtype) for _ in range(2))
-    return q, k, v, torch.randn(q.shape, generator=g, dtype=dtype)
+    q = torch.randn(2, n_heads, seq_len, 8, generator=g, dtype=torch.float64)  # (B, H, T, head_dim)
+    k, v = (torch.randn(2, n_kv_heads, seq_len, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    return [x.to(dtype) for x in (q, k, v, torch.randn(q.shape, generator=g, dtype=torch.float64))]
 
 
 def attention_worker(rank, world):
@@ -59,14 +61,15 @@ def attention_runs(request, tmp_path_factory):
 def test_ring_attention_equals_full_attention_value_and_gradients(attention_runs, case):
     world, runs = attention_runs
     seq_len, n_heads, n_kv_heads, causal, _, dtype = CASES[case]
-    q, k, v, dout = qkv(seq_len, n_heads, n_kv_heads, dtype)
+    exact = torch.promote_types(dtype, torch.float32)  # the reference runs on the same numbers, in fp32 or fp64
+    q, k, v, dout = (x.to(exact) for x in qkv(seq_len, n_heads, n_kv_heads, dtype))
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=n_kv_heads != n_heads)
     y.backward(dout)
     layout = RingLayout.load_balanced(seq_len, world)
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    tol = TOLERANCE[dtype]
     for i, (name, want) in enumerate(zip(["out", "dq", "dk", "dv"], [y.detach(), q.grad, k.grad, v.grad])):
-        got = layout.unshard([run["cases"][case][i] for run in runs], dim=2)  # the ranks' tokens, in order
+        got = layout.unshard([run["cases"][case][i] for run in runs], dim=2).to(exact)  # the ranks' tokens, in order
         torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
     assert q.grad.abs().max() > 0.1 and k.grad.abs().max() > 0.1  # not a vacuous comparison
 

@@ -234,11 +234,12 @@ class _RingAttention(torch.autograd.Function):
         pos_dev = pos.to(q.device)
         dq = torch.zeros(q5.shape, dtype=acc, device=q.device)
         kv = torch.stack([k, v])  # (2, B, G, L, D)
-        dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # gradients of the block we hold
+        arriving = None  # (buffer, works): the gradients of the block we will hold next, sent by the previous rank
         for step in range(world):
             src = (rank - step) % world
             if step < world - 1:
                 kv_next, works = _start_shift(kv, group, nxt, prev, tag=0)
+            dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # this rank's share of the block's dk, dv
             q_start, k_end, masked = visible_crop(pos[rank], pos[src], layout.seq_len, causal)
             kb, vb = kv[0, ..., :k_end, :].to(acc), kv[1, ..., :k_end, :].to(acc)
             for a in range(q_start, L, block_rows):
@@ -251,13 +252,17 @@ class _RingAttention(torch.autograd.Function):
                 dq[..., a:b, :] += torch.einsum("bgrls,bgsd->bgrld", ds, kb)
                 dkv[0, ..., :k_end, :] += torch.einsum("bgrls,bgrld->bgsd", ds, q5[..., a:b, :].to(acc))
                 dkv[1, ..., :k_end, :] += dv
-            if world > 1:  # the block's gradients follow it: the next rank adds its share to the same block
-                dkv, dworks = _start_shift(dkv, group, nxt, prev, tag=1)
-                _finish(dworks)
+            if arriving is not None:  # the shares of the ranks that held this block before us (sent during compute)
+                _finish(arriving[1])
+                dkv += arriving[0]
+            if world > 1:  # the block's gradients follow it round the ring: the next rank adds its share
+                arriving = _start_shift(dkv, group, nxt, prev, tag=1)
             if step < world - 1:
                 _finish(works)
                 kv = kv_next
-        # after N hops the gradients of our own block are back with us, summed over every rank's queries
+        if arriving is not None:  # one hop after the last step, our own block's gradients come home, complete
+            _finish(arriving[1])
+            dkv = arriving[0]
         return (dq.to(q.dtype).view(B, H, L, D), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None)
 
 
