@@ -206,3 +206,22 @@ def test_apply_context_parallel_refuses_foreign_attention():
     with pytest.raises(TypeError, match="not core's Attention"):
         apply_context_parallel(model)  # refused before any process group is asked for anything
     assert type(model.layers[0].attention).__name__ == "Attention"  # and nothing was swapped
+
+
+def rings_worker(rank, world):
+    """4 ranks = 2 rings of 2 (apps/train.py --cp 2 on 4 ranks): FSDP over all 4, each ring reads its own row."""
+    model = tiny_model("tiny-gqa")
+    apply_fsdp(model, data_parallel_mesh(torch.device("cpu")))
+    step, data_rank, data_world = context_parallel_training(model, 2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    rows = 2 // data_world
+    losses = [step(model, opt, batch()[data_rank * rows:(data_rank + 1) * rows]) for _ in range(STEPS)]
+    return {"losses": losses, "data": (data_rank, data_world)}
+
+
+def test_two_rings_of_two_with_fsdp_equal_single_process(tmp_path):
+    runs = ok(run_ranks(rings_worker, 4, tmp=tmp_path))
+    _, _, losses = single_process_reference()
+    assert [run["data"] for run in runs] == [(0, 2), (0, 2), (1, 2), (1, 2)]  # ranks 0,1 ring 0; ranks 2,3 ring 1
+    for run in runs:
+        assert run["losses"] == pytest.approx(losses, abs=1e-5)
