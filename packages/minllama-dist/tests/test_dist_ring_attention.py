@@ -134,11 +134,25 @@ def model_worker(rank, world):
     sopt = torch.optim.AdamW(sharded.parameters(), lr=3e-3, weight_decay=0.1)
     out["fsdp_losses"] = [step(sharded, sopt, batch()) for _ in range(STEPS)]
     out["fsdp_data"] = (data_rank, data_world)
+    # activation checkpointing recomputes each block's forward during backward: the ring must still be there
+    recomputed = tiny_model("tiny-gqa")
+    apply_fsdp(recomputed, data_parallel_mesh(torch.device("cpu")), activation_checkpointing=True)
+    step, _, _ = context_parallel_training(recomputed, world, 2)
+    ropt = torch.optim.AdamW(recomputed.parameters(), lr=3e-3, weight_decay=0.1)
+    out["recomputed_losses"] = [step(recomputed, ropt, batch()) for _ in range(STEPS)]
     # prefill: the last token's logits with the prompt split over the ring (tiny-llama3: scaled RoPE)
     for name in ("tiny-gqa", "tiny-llama3"):
         m = tiny_model(name).eval()
         out[f"prefill-{name}"] = cp_prefill(m, apply_context_parallel(m), batch()[:, :19])
     out["outside_a_sequence"] = model(batch()[:, :5]).detach()  # no layout active: core's attention
+    with cp.sequence(8) as layout:
+        local = layout.shard(batch()[:, :8], cp.rank)
+        for name, call in {"pad": lambda: model(local, pad=torch.tensor([1, 0])),
+                           "nested": lambda: cp.sequence(9).__enter__()}.items():
+            try:
+                call()
+            except ValueError as e:
+                out[f"{name}_error"] = str(e)
     try:
         context_parallel_training(tiny_model("tiny-gqa"), 3, 2)
     except ValueError as e:
@@ -173,6 +187,7 @@ def test_cp_training_equals_single_process(model_runs):
             torch.testing.assert_close(run["grads"][name], g, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
         assert run["losses"] == pytest.approx(losses, abs=1e-5)
         assert run["fsdp_losses"] == pytest.approx(losses, abs=1e-5)
+        assert run["recomputed_losses"] == pytest.approx(losses, abs=1e-5)
         for name, p in model.named_parameters():
             torch.testing.assert_close(run["weights"][name], p.detach(), atol=1e-5, rtol=1e-5)
     assert losses[-1] < losses[0] - 0.1  # it trains
@@ -193,6 +208,11 @@ def test_cp_model_outside_a_sequence_is_the_plain_model(model_runs):
     for _ in range(STEPS):
         train_step(model, opt, batch())
     torch.testing.assert_close(model_runs[0]["outside_a_sequence"], model(batch()[:, :5]), atol=1e-5, rtol=1e-5)
+
+
+def test_cp_model_refuses_what_the_ring_cannot_do(model_runs):
+    assert "no padding (pad), KV cache" in model_runs[0]["pad_error"]
+    assert "a sequence of 8 tokens is active on this ring" in model_runs[0]["nested_error"]
 
 
 def test_cp_training_bad_sizes_are_one_clear_error(model_runs):

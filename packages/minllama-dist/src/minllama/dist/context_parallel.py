@@ -15,7 +15,7 @@ log-sum-exp ``lse = log Σ_j exp(s_j)`` are all one needs to combine it with ano
 backward pass runs the same ring again and sends each block's gradients (dk, dv) along with it, so that after N
 steps they arrive back at the rank that owns those keys.
 
-Load balance: causal attention with contiguous chunks gives the last rank N blocks of work and the first one. So
+Load balance: with a causal mask and contiguous chunks the last rank does 2N-1 times the work of the first. So
 the sequence is cut into 2N chunks and rank r holds chunks r and 2N-1-r (``RingLayout.load_balanced``): every rank
 then does the same work (README, section 4d, draws it).
 
@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minllama.core.model import Attention, MinimalLlama
+
+from .training import train_step
 
 BLOCK_ROWS = 512  # queries per tile inside a block: bounds the transient scores to (BLOCK_ROWS x block keys)
 
@@ -296,7 +298,9 @@ class ContextParallel:
     """The ring a model's attention runs on (a process group) and the layout of the sequence being processed.
 
     ``with cp.sequence(T) as layout:`` makes every ``ContextParallelAttention`` of the model run ring attention
-    over ``layout``; outside it they are core's attention (generation, sampling: every rank the whole sequence)."""
+    over ``layout``; outside it they are core's attention (generation, sampling: every rank the whole sequence).
+    With activation checkpointing the backward pass runs the blocks' forward again, so it too must run inside
+    (``cp_train_step`` does it); a ``sequence`` opened inside another one of the same length reuses its layout."""
 
     def __init__(self, group=None):
         self.group = group or dist.group.WORLD
@@ -305,6 +309,12 @@ class ContextParallel:
 
     @contextlib.contextmanager
     def sequence(self, seq_len: int):
+        if self.layout is not None:  # nested (the loss inside a training step): the outer one stays in charge
+            if self.layout.seq_len != seq_len:
+                raise ValueError(f"a sequence of {self.layout.seq_len} tokens is active on this ring: finish it "
+                                 f"before starting one of {seq_len}")
+            yield self.layout
+            return
         self.layout = RingLayout.load_balanced(seq_len, self.world)
         try:
             yield self.layout
@@ -323,8 +333,11 @@ class ContextParallelAttention(Attention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         layout = self.context_parallel.layout
-        if layout is None or mask is not None or k.shape[2] != q.shape[2]:
-            return super().attend(q, k, v, mask)  # no active sequence, padding masks, a KV cache
+        if layout is None:
+            return super().attend(q, k, v, mask)  # no active sequence: the whole sequence is here
+        if mask is not None or k.shape[2] != q.shape[2]:
+            raise ValueError("ring attention runs plain causal passes only: no padding (pad), KV cache or input "
+                             "longer than the layout inside cp.sequence; generate outside it")
         return ring_attention(q, k, v, layout, causal=True, group=self.context_parallel.group)
 
 
@@ -370,8 +383,9 @@ def average_gradients(model: torch.nn.Module, group) -> None:
 
 def cp_train_step(model, optimizer, tokens: Tensor, cp: ContextParallel, max_grad_norm: float | None = 1.0) -> float:
     """``training.train_step`` with the sequence split over the ring; returns the loss averaged over all ranks."""
-    loss = context_parallel_loss(model, cp, tokens)
-    loss.backward()
+    with cp.sequence(tokens.shape[1] - 1):  # also during backward: activation checkpointing recomputes forward
+        loss = context_parallel_loss(model, cp, tokens)
+        loss.backward()
     sharded = any(hasattr(p, "placements") for p in model.parameters())  # DTensors: FSDP averages the gradients
     if not sharded:
         average_gradients(model, cp.group)
@@ -422,8 +436,6 @@ def context_parallel_training(model: MinimalLlama, cp_size: int, global_batch: i
 
     With N = 1 it is plain ``train_step`` and every rank its own data index. Otherwise the ranks form rings of N,
     every attention of ``model`` runs on its ring, and the batch is split over the rings, not the ranks."""
-    from .training import train_step  # (training.py does not import this file: no cycle either way)
-
     world, rank = dist.get_world_size(), dist.get_rank()
     if cp_size < 1 or world % cp_size:
         raise ValueError(f"--cp {cp_size} does not divide the {world} rank{'s' * (world != 1)} into rings: use --cp "
