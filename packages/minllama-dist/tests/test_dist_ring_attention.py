@@ -245,3 +245,10 @@ def test_two_rings_of_two_with_fsdp_equal_single_process(tmp_path):
     assert [run["data"] for run in runs] == [(0, 2), (0, 2), (1, 2), (1, 2)]  # ranks 0,1 ring 0; ranks 2,3 ring 1
     for run in runs:
         assert run["losses"] == pytest.approx(losses, abs=1e-5)
+
+
+def test_ring_attention_without_a_process_group_says_how_to_get_one():
+    assert not torch.distributed.is_initialized()  # the tests fork their groups; this process never joins one
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="join one first"):
+        ring_attention(q, q, q, RingLayout.load_balanced(4, 1))

@@ -162,6 +162,13 @@ def merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tup
     return out, new_lse
 
 
+def _ring_group(group):
+    if not dist.is_initialized():
+        raise ValueError("ring attention runs over a process group: join one first (minllama.dist.init_distributed; "
+                         "without torchrun it makes a group of one)")
+    return dist.group.WORLD if group is None else group
+
+
 def _ring_peers(group) -> tuple[int, int, int, int]:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     nxt = dist.get_global_rank(group, (rank + 1) % world)
@@ -275,7 +282,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, layout: RingLayout, causal: 
     q (B, n_heads, L, head_dim), k, v (B, n_kv_heads, L, head_dim): this rank's L tokens, at the global positions
     ``layout.positions[rank]`` (already rotated by RoPE at those positions). Returns (B, n_heads, L, head_dim),
     exactly what full attention over the whole sequence gives for these tokens, with exact gradients."""
-    group = group or dist.group.WORLD
+    group = _ring_group(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if layout.n_ranks != world:
         raise ValueError(f"the layout splits the sequence over {layout.n_ranks} ranks, the group has {world}: "
@@ -303,7 +310,7 @@ class ContextParallel:
     (``cp_train_step`` does it); a ``sequence`` opened inside another one of the same length reuses its layout."""
 
     def __init__(self, group=None):
-        self.group = group or dist.group.WORLD
+        self.group = _ring_group(group)
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.layout: RingLayout | None = None
 
