@@ -5,6 +5,7 @@
     MINLLAMA_DEVICE=cpu uv run torchrun --standalone --nproc-per-node 2 apps/train.py   # 2 CPU processes (gloo)
     uv run torchrun --standalone --nproc-per-node 4 apps/train.py --tp 2       # FSDP over 2 x tensor parallel 2
     uv run torchrun --standalone --nproc-per-node 4 apps/train.py --pp 2       # pipeline: 2 stages x FSDP over 2
+    uv run torchrun --standalone --nproc-per-node 4 apps/train.py --cp 2       # rings of 2 ranks split each window
 
 The ranks form a (pp, dp_shard, cp, tp) mesh: --tp splits every weight matrix (and the sequence between blocks)
 over that many neighbouring ranks; FSDP shards over the rest (--dp-shard, derived: world / (pp * cp * tp)).
@@ -32,9 +33,11 @@ import torch.distributed as dist
 
 from minllama.core import CheckpointError, LlamaConfig
 from minllama.core.config import PRESETS
-from minllama.dist import (MESH_DIMS, CheckpointManager, TokenBatches, build_mesh, check_checkpoint, dcp_to_hf,
-                           init_distributed, init_from_rank0, materialize, meta_model, parallelize_llama,
-                           pipeline_for_training, pipeline_train_step, plan_mesh, shutdown, train_step)
+from minllama.dist import (MESH_DIMS, CheckpointManager, TokenBatches, apply_fsdp, build_mesh, check_checkpoint,
+                           data_parallel_mesh, dcp_to_hf, init_distributed, init_from_rank0, materialize, meta_model,
+                           parallelize_llama, pipeline_for_training, pipeline_train_step, plan_mesh, shutdown,
+                           train_step)
+from minllama.dist.context_parallel import context_parallel_training
 from minllama.dist.parallelize import full_logits, pad_to_multiple
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "fables.txt"
@@ -75,7 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "interleaved, which needs 2 stages per rank)")
     p.add_argument("--microbatches", type=int, default=4,
                    help="micro-batches per step under --pp (the per-replica batch must divide) (default 4)")
-    p.add_argument("--cp", type=int, default=1, help="context-parallel degree (only 1 in this version; validated)")
+    p.add_argument("--cp", type=int, default=1,
+                   help="context parallel: split each window over N ranks with ring attention; N consecutive ranks "
+                        "read the same rows, and the world must be a multiple of N (default 1)")
     p.add_argument("--crash-at-step", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL self after that step
     return p.parse_args(argv)
 
@@ -127,8 +132,9 @@ def main(argv=None) -> int:
                  "--cp: use one of them")
     if shape.pp > 1 and args.bf16:
         sys.exit("error: --bf16 is not supported with --pp: train the pipeline in fp32 (drop --bf16)")
-    if shape.cp > 1:
-        sys.exit("error: --cp is validated but not yet applied by this version of train.py: use 1")
+    if shape.cp > 1 and shape.tp > 1:
+        sys.exit("error: --cp composes with FSDP (the other mesh dimension) in this version, not yet with --tp: "
+                 "use one of them")
     if cfg.max_seq_len % shape.tp:
         sys.exit(f"error: --config {args.config} has a context of {cfg.max_seq_len}, not a multiple of --tp "
                  f"{shape.tp} (sampling pads the window to one)")
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
     # then allocated (each rank: its shards only). Rank 0 draws the initial weights and broadcasts them, so that
     # every mesh starts from the same numbers. With --pp, each rank keeps only its stages' layers
     # (minllama.dist.pipeline, which builds its own ("pp", "dp_shard") mesh), starting from the same numbers.
-    pipe = None
+    pipe, step_fn = None, train_step
     if shape.pp > 1:
         try:
             pipe = pipeline_for_training(cfg, args.seed, device, args.pp, args.pp_schedule, args.microbatches,
@@ -151,6 +157,16 @@ def main(argv=None) -> int:
         except ValueError as e:
             sys.exit(f"error: {e}")
         model, dp_rank = pipe.model, pipe.dp_rank
+    elif shape.cp > 1:  # rings of cp consecutive ranks split each window (ring attention), the rings split the batch
+        model = meta_model(cfg)
+        try:
+            step_fn, dp_rank, _ = context_parallel_training(model, shape.cp, args.batch_size)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        apply_fsdp(model, data_parallel_mesh(device), param_dtype=torch.bfloat16 if args.bf16 else None,
+                   activation_checkpointing=args.activation_checkpointing)  # FSDP over every rank, rings included
+        materialize(model, device, init=False)
+        init_from_rank0(model, args.seed)
     else:
         mesh = build_mesh(shape, device.type)
         dp_rank = mesh["dp_shard"].get_local_rank()  # which rows of each global batch are ours
@@ -201,7 +217,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for step in range(start + 1, args.steps + 1):
         tokens = data.next_for_rank(dp_rank, shape.dp_shard).to(device)
-        loss = pipeline_train_step(pipe, optimizer, tokens) if pipe else train_step(model, optimizer, tokens)
+        loss = pipeline_train_step(pipe, optimizer, tokens) if pipe else step_fn(model, optimizer, tokens)
         if main_rank:
             with open(loss_log, "a") as f:
                 f.write(f"{step},{loss:.7f}\n")

@@ -181,7 +181,7 @@ def test_dcp_checkpoint_moves_across_meshes(tmp_path):
     (dict(world=2, tp=2, cfg="tiny-mqa"), "n_kv_heads=1 does not split over --tp 2 ranks"),
     (dict(world=8, tp=8, cfg="tiny-gqa"), "n_heads=4 does not split over --tp 8 ranks"),
     (dict(world=4, pp=4, cfg="tiny-gqa"), "n_layers=2 does not split into pp=4 pipeline stages"),
-    (dict(world=2, tp=2, seq_len=15), "--seq-len 15 does not split over cp x tp = 2 ranks"),
+    (dict(world=2, tp=2, seq_len=15), "--seq-len 15 does not split over tp = 2 ranks"),
 ])
 def test_bad_mesh_is_one_clear_error(kwargs, message):
     if "cfg" in kwargs:

@@ -74,10 +74,9 @@ def plan_mesh(world: int, *, tp: int = 1, pp: int = 1, cp: int = 1, dp_shard: in
         if cfg.n_layers % pp:
             raise ValueError(f"n_layers={cfg.n_layers} does not split into pp={pp} pipeline stages: use --pp in "
                              f"{_divisors(cfg.n_layers)}")
-    if seq_len is not None and seq_len % (cp * tp):
-        raise ValueError(f"--seq-len {seq_len} does not split over cp x tp = {cp * tp} ranks (sequence parallel "
-                         f"gives each tp rank seq_len / tp positions, context parallel seq_len / cp): use a "
-                         f"multiple of {cp * tp}")
+    if seq_len is not None and seq_len % tp:  # (context parallel pads the sequence to a multiple of 2 * cp itself)
+        raise ValueError(f"--seq-len {seq_len} does not split over tp = {tp} ranks (sequence parallel gives each tp "
+                         f"rank seq_len / tp positions): use a multiple of {tp}")
     return MeshShape(pp=pp, dp_shard=dp_shard, cp=cp, tp=tp)
 
 
