@@ -29,6 +29,17 @@ from minllama.core.sentencepiece_proto import model_proto_piece
 from minllama.core.tokenizer import ByteLevelBPETokenizer, SentencePieceTokenizer
 
 
+def tokens_per_char(tokenizer, texts: Iterable[str]) -> float:
+    """Tokens per character of ``texts``: what a text costs in sequence length (and attention, which grows with
+    its square). Per character, not per word, so that languages and scripts compare; note that a character is a
+    letter in Russian or Persian but a whole syllable in Korean or Chinese."""
+    texts = list(texts)
+    chars = sum(map(len, texts))
+    if chars == 0:
+        raise ValueError("tokens_per_char needs some text: the texts given are empty")
+    return sum(len(tokenizer.encode(t)) for t in texts) / chars
+
+
 # --------------------------------------------------------------------------------------------- SentencePiece
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str = "bpe", **options) -> bytes:
     """Train a SentencePiece model on ``texts`` in memory; returns its serialized ModelProto."""
