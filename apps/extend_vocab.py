@@ -16,13 +16,15 @@ Steps (see packages/minllama-extend/README.md, section 5):
    replaces (``resize_vocab``); old-token inputs must give bit-identical old logits;
 4. held-out bits per character (comparable across tokenizers, unlike loss per token): the base model with the
    old tokenizer, the grown model with the new one, after training only the new rows (``train_only_new_rows``),
-   then after a short LoRA finetune (minllama-peft) with the new rows still learning.
+   then after a short LoRA finetune (minllama-peft) with the new rows still learning; and, as a control, the same
+   LoRA finetune of the base model with the old tokenizer (what the finetune alone buys, without new tokens).
 Outputs in ``--out``: ``extended/`` (HF checkpoint after the new-row training), ``adapter/`` (the LoRA),
 ``results.json``, ``extend_vocab.png`` (or ``--plot``).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
@@ -173,6 +175,27 @@ def finetune(model, ids: torch.Tensor, params, steps: int, seq_len: int, lr: flo
     return losses
 
 
+def lora_finetune(model, ids: torch.Tensor, steps: int, seq_len: int, lr: float, new_from: int | None = None,
+                  desc: str = "LoRA finetune") -> list[float]:
+    """A rank-8 LoRA (minllama-peft) on every linear layer of every block. With ``new_from``, the embedding rows
+    from that id on keep learning too (tied head: the same rows), the old rows stay as they are: the recipe of
+    Chinese-LLaMA (LoRA plus the new embeddings), in miniature."""
+    from minllama.peft import LoraConfig, adapter_parameters, apply_lora
+
+    apply_lora(model, LoraConfig(r=8, alpha=16, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")))  # freezes the rest
+    params = adapter_parameters(model)
+    hook = None
+    if new_from is not None:
+        rows = model.tok_embeddings.weight
+        rows.requires_grad_(True)
+        hook = rows.register_hook(lambda g: torch.cat([torch.zeros_like(g[:new_from]), g[new_from:]]))
+        params.append(rows)
+    losses = finetune(model, ids, params, steps, seq_len, lr, desc)
+    if hook is not None:
+        hook.remove()
+    return losses
+
+
 # ------------------------------------------------------------------------------------------------- reporting
 def sentencepiece_rows(english_train, new_train, held, english_held, vocab: int) -> list[dict]:
     """A Llama-2-style tokenizer.model trained on the English dialogues stands in for Llama 2's; the language's
@@ -210,28 +233,33 @@ def plot(res: dict, losses: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 5))
     rows = res["tokenizers"]
-    labels = [f"{'SmolLM2 BPE' if r['tokenizer'].startswith('SmolLM2') else 'Llama-2-style SP'}\n"
-              f"{res['text'] if r['text'] == 'new' else 'English'}" for r in rows]
+    short = {True: "SmolLM2 BPE", False: "Llama-2-style\nSentencePiece"}
+    labels = [short[r["tokenizer"].startswith("SmolLM2")] + "\n" + (res["text"] if r["text"] == "new" else "English")
+              for r in rows]
     x = torch.arange(len(rows)).numpy()
     a.bar(x - 0.2, [r["before"] for r in rows], 0.4, label="before")
     a.bar(x + 0.2, [r["after"] for r in rows], 0.4, label="after")
-    a.set_xticks(x, labels)
+    a.set_xticks(x, labels, fontsize=8)
     a.set_ylabel("tokens per character (held out)")
     a.set_title("tokenizer cost")
     a.legend()
     stages = list(res["bits_per_char"])
-    b.bar(range(len(stages)), list(res["bits_per_char"].values()), color="C2")
-    b.set_xticks(range(len(stages)), [textwrap.fill(s, 18) for s in stages], fontsize=8)
+    b.bar(range(len(stages)), list(res["bits_per_char"].values()),
+          color=["C7" if s.startswith("control") else "C2" for s in stages])
+    for i, v in enumerate(res["bits_per_char"].values()):
+        b.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    b.set_xticks(range(len(stages)), [textwrap.fill(s, 13) for s in stages], fontsize=7)
     b.set_ylabel("bits per character (held out)")
     b.set_title(f"SmolLM2-135M on {res['text']}")
     for name, ys in losses.items():
         c.plot(ys, label=name)
     c.set_xlabel("step")
-    c.set_ylabel("training loss (nats/token, new tokenizer)")
+    c.set_ylabel("training loss (nats per token of its own tokenizer)")
     c.set_title("finetuning")
-    c.legend()
+    c.set_ylim(0, 1.45 * max(max(ys) for ys in losses.values()))  # room for the legend above the curves
+    c.legend(fontsize=8, loc="upper right")
     fig.suptitle(res["command"], fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,6 +330,14 @@ def main(argv=None) -> int:
     print(f"scoring {len(pieces)} held-out pieces with the base model ...", flush=True)
     bpc = {"base model, old tokenizer": bits_per_char(model, tok, pieces)}
     english_bpc = {"base": bits_per_char(model, tok, english_pieces)} if english_pieces else {}
+    control_bpc, losses = None, {}
+    if args.lora_steps:  # the control: the same LoRA finetune without new tokens, from the same base model
+        control = copy.deepcopy(model)
+        old_ids = torch.tensor([i for t in train_texts for i in [0] + tok.encode(t)])
+        losses["control: LoRA r=8, old tokenizer"] = lora_finetune(control, old_ids, args.lora_steps, args.seq_len,
+                                                                    args.lora_lr, desc="control LoRA (old tokens)")
+        control_bpc = bits_per_char(control, tok, pieces)
+        del control
     probe = torch.tensor([tok.encode("def greet(name):\n    return f'Hello, {name}!' " + held_out[0][:80])])
     with torch.no_grad():
         before = model(probe)
@@ -312,8 +348,8 @@ def main(argv=None) -> int:
 
     ids = torch.tensor([i for t in train_texts for i in [0] + new_tok.encode(t)])  # documents after <|endoftext|>
     handles = train_only_new_rows(model, old_n)
-    losses = {"new rows only": finetune(model, ids, [p for p in model.parameters() if p.requires_grad], args.steps,
-                                        args.seq_len, args.lr, "finetuning the new rows")}
+    losses["new rows only"] = finetune(model, ids, [p for p in model.parameters() if p.requires_grad], args.steps,
+                                       args.seq_len, args.lr, "finetuning the new rows")
     for h in handles:
         h.remove()
     bpc[f"+ {args.steps} steps on the new rows"] = bits_per_char(model, new_tok, pieces)
@@ -334,19 +370,15 @@ def main(argv=None) -> int:
     del loaded
 
     if args.lora_steps:
-        from minllama.peft import LoraConfig, adapter_parameters, apply_lora, save_adapter
+        from minllama.peft import save_adapter
 
-        apply_lora(model, LoraConfig(r=8, alpha=16, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")))
-        new_rows = model.tok_embeddings.weight  # apply_lora froze it: the new rows keep learning, the old stay
-        new_rows.requires_grad_(True)
-        hook = new_rows.register_hook(lambda g: torch.cat([torch.zeros_like(g[:old_n]), g[old_n:]]))
-        losses["LoRA r=8 + new rows"] = finetune(model, ids, adapter_parameters(model) + [new_rows],
-                                                 args.lora_steps, args.seq_len, args.lora_lr, "LoRA finetune")
-        hook.remove()
+        losses["LoRA r=8 + new rows"] = lora_finetune(model, ids, args.lora_steps, args.seq_len, args.lora_lr,
+                                                      new_from=old_n)
         bpc[f"+ {args.lora_steps} steps of LoRA"] = bits_per_char(model, new_tok, pieces)
         if english_pieces:
             english_bpc["after LoRA"] = bits_per_char(model, new_tok, english_pieces)
         save_adapter(model, out / "adapter")
+        bpc[f"control: {args.lora_steps} steps of LoRA, old tokenizer"] = control_bpc
 
     elapsed = time.perf_counter() - started
     command = "uv run apps/extend_vocab.py " + " ".join(argv if argv is not None else sys.argv[1:])
