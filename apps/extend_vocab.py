@@ -47,7 +47,7 @@ MODULES = ["argparse", "subprocess", "tarfile", "zipfile", "pathlib", "inspect",
            "functools", "typing", "dataclasses", "shutil", "tempfile", "configparser", "csv", "pickle"]
 CANDIDATES = ["russian", "ukrainian", "persian", "hindi", "chinese", "japanese", "korean"]  # non-Latin scripts
 LLAMA2_STYLE = dict(byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-                    split_digits=True)  # how Llama 2's tokenizer.model was trained: BPE on raw text, bytes for the rest
+                    split_digits=True)  # as Llama 2's tokenizer.model was trained: BPE on raw text, bytes for the rest
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -182,7 +182,8 @@ def lora_finetune(model, ids: torch.Tensor, steps: int, seq_len: int, lr: float,
     Chinese-LLaMA (LoRA plus the new embeddings), in miniature."""
     from minllama.peft import LoraConfig, adapter_parameters, apply_lora
 
-    apply_lora(model, LoraConfig(r=8, alpha=16, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")))  # freezes the rest
+    targets = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    apply_lora(model, LoraConfig(r=8, alpha=16, targets=targets))  # freezes everything else
     params = adapter_parameters(model)
     hook = None
     if new_from is not None:
