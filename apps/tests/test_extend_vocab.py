@@ -64,6 +64,7 @@ def test_extend_vocab_quick_run_on_korean_measures_every_stage(tmp_path):
     assert rows["SmolLM2", "new"]["after"] < 0.95 * rows["SmolLM2", "new"]["before"]  # 16 tokens: measured 1.18x
     assert rows["Llama-2-style", "new"]["after"] < rows["Llama-2-style", "new"]["before"] / 2  # measured 3.4x
     assert all(rows[t, "English"]["after"] <= rows[t, "English"]["before"] for t in ("SmolLM2", "Llama-2-style"))
-    assert len(results["bits_per_char"]) == 4 and all(0 < v < 20 for v in results["bits_per_char"].values())
+    stages = results["bits_per_char"]  # base, new tokens, + new rows, + LoRA, and the control
+    assert len(stages) == 5 and list(stages)[-1].startswith("control") and all(0 < v < 20 for v in stages.values())
     assert (tmp_path / "fig.png").stat().st_size > 10_000 and (tmp_path / "adapter").is_dir()
     assert "LoRA finetune" in out.stderr and "tokens per character, held out" in out.stdout

@@ -63,6 +63,17 @@ def test_llama2_style_sentencepiece_learns_korean_and_keeps_english(llama2_sp):
     assert tokens_per_char(new, ENGLISH_HELD_OUT) <= tokens_per_char(old, ENGLISH_HELD_OUT)
 
 
+def test_appended_pieces_rank_after_the_old_ones_so_no_old_text_gets_longer(llama2_sp):
+    """Every new piece scores below every old one (BPE merges the highest score first), in the new model's order:
+    the old merges all happen first, so no English text, not one, gets a single token longer."""
+    old, new, replaced = llama2_sp
+    worst_old = min(old.sp.get_score(i) for i in range(old.vocab_size))
+    scores = [new.sp.get_score(i) for i in range(old.vocab_size, new.vocab_size)]
+    assert max(scores) < worst_old and scores == sorted(scores, reverse=True)
+    for text in ENGLISH_TRAIN + ENGLISH_HELD_OUT:
+        assert len(new.encode(text)) <= len(old.encode(text))
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["tiny-gqa", "tiny-mqa"])  # untied and tied head
 def test_korean_resize_keeps_old_token_logits_bit_identical(name, smollm2_bpe):
