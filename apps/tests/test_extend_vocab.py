@@ -41,6 +41,11 @@ def test_an_unknown_language_is_refused_with_the_known_ones():
     assert out.returncode == 2 and "no language 'klingon'" in out.stderr and "korean" in out.stderr
 
 
+def test_a_language_with_too_little_text_is_refused():
+    out = run("--language", "thai", timeout=120)  # one short file in chatterbot-corpus
+    assert out.returncode == 2 and "too little to learn tokens from" in out.stderr
+
+
 @pytest.mark.slow
 def test_extend_vocab_quick_run_on_code_keeps_old_logits_and_reloads(tmp_path):
     out = run("--domain", "code", "--quick", "--out", tmp_path)
