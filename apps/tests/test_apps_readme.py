@@ -1,6 +1,5 @@
 """apps/README.md is executable: every ```python block runs, in order, in one namespace, from the repository root
 (the guide imports the apps from apps/ as a reader would)."""
-import os
 from pathlib import Path
 
 import torch

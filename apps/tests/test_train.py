@@ -1,25 +1,16 @@
 """Smoke tests of apps/train.py, run as a user would: one process, then torchrun with 2 CPU ranks killed and
 resumed."""
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from train_helpers import ENV, losses, train
+
 APPS = Path(__file__).parents[1]
 SMALL = ["--steps", "6", "--ckpt-every", "3", "--sample-every", "6", "--seq-len", "32", "--batch-size", "4"]
-ENV = {**os.environ, "MINLLAMA_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
 
-
-def train(*args, ranks: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
-    return subprocess.run([sys.executable, *launcher, str(APPS / "train.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=APPS.parent, env=ENV)
-
-
-def losses(out: Path) -> list[float]:
-    return [float(line.split(",")[1]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
 
 
 def test_train_two_ranks_killed_and_resumed_match_one_unbroken_process(tmp_path):

@@ -1,25 +1,14 @@
 """apps/train.py --cp: windows split over a ring of 2 CPU ranks (ring attention) train exactly like one process."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from train_helpers import losses, train
+
 APPS = Path(__file__).parents[1]
 # 31 tokens per window: 2N = 4 chunks do not divide it, so every window is padded on its way into the ring
 SMALL = ["--steps", "4", "--ckpt-every", "4", "--sample-every", "4", "--seq-len", "31", "--batch-size", "4"]
-ENV = {**os.environ, "MINLLAMA_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
 
-
-def train(*args, ranks: int = 1) -> subprocess.CompletedProcess:
-    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
-    return subprocess.run([sys.executable, *launcher, str(APPS / "train.py"), *args], capture_output=True,
-                          text=True, timeout=300, cwd=APPS.parent, env=ENV)
-
-
-def losses(out: Path) -> list[float]:
-    return [float(line.split(",")[1]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
 
 
 def test_train_cp_two_ranks_equals_one_process(tmp_path):

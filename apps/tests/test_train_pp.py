@@ -1,28 +1,17 @@
 """apps/train.py --pp, run as a user would: a pipeline killed and resumed in one process, a one-process run resumed
 on a pipeline x FSDP layout (4 ranks), both against one unbroken process; and the option errors."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from train_helpers import losses, train
+
 APPS = Path(__file__).parents[1]
 SMALL = ["--steps", "6", "--ckpt-every", "3", "--sample-every", "0", "--seq-len", "32", "--batch-size", "4"]
-ENV = {**os.environ, "MINLLAMA_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
 # Another layout adds the gradients in another order (float sums are not associative): 1e-7 per step at first,
 # and AdamW turns it into more (minllama-dist README); measured here: <= 1e-6 after 6 steps (loss.csv keeps 7 decimals).
 LAYOUT_TOLERANCE = 1e-5
 
-
-def train(*args, ranks: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
-    return subprocess.run([sys.executable, *launcher, str(APPS / "train.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=APPS.parent, env=ENV)
-
-
-def losses(out: Path) -> list[float]:
-    return [float(line.split(",")[1]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
 
 
 @pytest.mark.slow
