@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -54,7 +57,8 @@ class EngineThread:
     def __init__(self, engine: Engine):
         self.engine, self.inbox = engine, queue.Queue()
         self.listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        threading.Thread(target=self._loop, daemon=True, name="engine").start()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="engine")
+        self.thread.start()
 
     def submit(self, request: Request) -> asyncio.Queue:
         out: asyncio.Queue = asyncio.Queue()
@@ -64,30 +68,56 @@ class EngineThread:
     def cancel(self, request: Request) -> None:
         self.inbox.put(("cancel", request, None))
 
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the loop between two steps (a tensor-parallel lead then tells its followers to stop)."""
+        self.inbox.put(("stop", None, None))
+        self.thread.join(timeout)
+
     def _loop(self) -> None:
-        while True:
-            try:  # block while idle; between steps, take whatever has arrived
-                self._handle(*self.inbox.get(block=self.engine.idle))
-                while True:
-                    self._handle(*self.inbox.get_nowait())
-            except queue.Empty:
+        # A tensor-parallel lead (minllama.dist.serving.LockstepEngine) must keep its followers from timing out
+        # while idle, and cannot go on without them: its errors of that kind end the server.
+        heartbeat, fatal = getattr(self.engine, "heartbeat", None), getattr(self.engine, "fatal_errors", ())
+        try:
+            while self._turn(heartbeat):
                 pass
-            if self.engine.idle:
-                continue
-            try:
-                produced = self.engine.step()
-            except Exception as e:  # noqa: BLE001 -- the server must not die: fail the running requests, go on
-                logging.exception("engine step failed")
-                for seq in list(self.engine.running) + list(self.engine.waiting):
-                    self.engine.cancel(seq.request)
-                    self._send(seq.request, e)
-                continue
-            for request, token in produced:
-                self._send(request, token)
-            for request in [r for r in self._pending() if r.done]:
-                self._send(request, None)
+        except fatal as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    def _turn(self, heartbeat) -> bool:
+        try:  # block while idle (waking every second to keep followers alive); between steps, take what has arrived
+            self._handle(*self.inbox.get(block=self.engine.idle, timeout=1.0 if heartbeat else None))
+            while True:
+                self._handle(*self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        except StopIteration:
+            if hasattr(self.engine, "close"):
+                self.engine.close()
+            return False
+        if self.engine.idle:
+            if heartbeat:
+                heartbeat()
+            return True
+        try:
+            produced = self.engine.step()
+        except getattr(self.engine, "fatal_errors", ()):
+            raise
+        except Exception as e:  # noqa: BLE001 -- the server must not die: fail the running requests, go on
+            logging.exception("engine step failed")
+            for seq in list(self.engine.running) + list(self.engine.waiting):
+                self.engine.cancel(seq.request)
+                self._send(seq.request, e)
+            return True
+        for request, token in produced:
+            self._send(request, token)
+        for request in [r for r in self._pending() if r.done]:
+            self._send(request, None)
+        return True
 
     def _handle(self, kind: str, request: Request, listener) -> None:
+        if kind == "stop":
+            raise StopIteration
         if kind == "submit":
             try:
                 self.engine.submit(request)
@@ -150,7 +180,14 @@ class BadRequest(Exception):
 
 # ------------------------------------------------------------------------------------------- the app
 def make_app(model, tokenizer, model_name: str, engine: Engine) -> FastAPI:
-    app = FastAPI(title="MinimalLlama", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        # uvicorn's graceful shutdown (Ctrl-C, SIGTERM) ends here before it re-raises the signal: the engine thread
+        # stops between two steps (a tensor-parallel lead then tells its followers to stop)
+        worker.stop()
+
+    app = FastAPI(title="MinimalLlama", docs_url=None, redoc_url=None, lifespan=lifespan)
     worker = EngineThread(engine)
     fmt = chat_format_for(tokenizer)
     context = model.config.max_seq_len
@@ -316,7 +353,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens fed per engine step")
     p.add_argument("--no-prefix-cache", action="store_true", help="do not share the KV blocks of common prefixes")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor parallel over this many processes, started by torchrun: `uv run torchrun "
+                        "--nproc-per-node N apps/serve.py --tp N` (rank 0 serves HTTP; the heads must divide: "
+                        "SmolLM2-135M's 9 query and 3 kv heads take --tp 3)")
     args = p.parse_args(argv)
+    if args.tp < 1:
+        p.error("--tp must be >= 1")
     for name in ("max_batch", "block_size", "prefill_chunk"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -325,12 +368,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build(args):
+def build(args, device="cpu", tp_mesh=None) -> tuple:
+    """(model, tokenizer, engine) as the options say; with ``tp_mesh``, this rank's tensor-parallel slice."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_pretrained(args.checkpoint)
+    model, tokenizer = load_pretrained(args.checkpoint, device=device)
     if tokenizer is None:
         raise SystemExit(f"error: {args.checkpoint} has no tokenizer: add tokenizer.json or tokenizer.model")
+    if tp_mesh is not None:
+        from minllama.dist import apply_tensor_parallel
+
+        try:
+            apply_tensor_parallel(model, tp_mesh)  # each rank: its heads, its slice of the MLP, its KV cache
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     if args.quantize:
         from minllama.quant import prepare, quantize
 
@@ -338,12 +389,51 @@ def build(args):
         prepare(quantize(model, scheme, **options))
     engine = Engine(model, block_size=args.block_size, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                     kv_bytes=int(args.kv_memory * 2**20), prefix_caching=not args.no_prefix_cache)
-    return make_app(model, tokenizer, args.model_name or args.checkpoint, engine), engine
+    return model, tokenizer, engine
+
+
+def main_tensor_parallel(args) -> int:
+    """``--tp N`` under torchrun: every rank loads the model, keeps its slice, and runs its own engine; rank 0
+    serves HTTP and keeps the others' engines in lockstep with its own (minllama.dist.serving)."""
+    from datetime import timedelta
+
+    from minllama.dist import data_parallel_mesh, init_distributed, shutdown
+    from minllama.dist.serving import LockstepEngine, follow
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.tp:
+        raise SystemExit(f"error: --tp {args.tp} needs {args.tp} processes, started with {world}: run `uv run "
+                         f"torchrun --nproc-per-node {args.tp} apps/serve.py --tp {args.tp}`")
+    device = init_distributed(timeout=timedelta(seconds=60))  # a rank silent for a minute is an error, not a hang
+    model, tokenizer, engine = build(args, device, data_parallel_mesh(device))
+    try:
+        if int(os.environ["RANK"]):
+            # Ctrl-C or torchrun's SIGTERM reach every rank: a follower leaves when rank 0 has stopped cleanly and
+            # says so (or when rank 0 is gone: the next broadcast fails)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+            follow(engine)
+            return 0
+        engine = LockstepEngine(engine)
+        app = make_app(model, tokenizer, args.model_name or args.checkpoint, engine)
+        print(f"serving {args.model_name or args.checkpoint} on http://{args.host}:{args.port}/v1, tensor parallel "
+              f"over {world} ranks ({engine.cache.pool.n_blocks} KV blocks of {args.block_size} tokens per rank)",
+              file=sys.stderr, flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        return 0
+    except RuntimeError as e:  # rank 0 gone (a follower's view)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        shutdown()
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    app, engine = build(args)
+    if args.tp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return main_tensor_parallel(args)
+    model, tokenizer, engine = build(args)
+    app = make_app(model, tokenizer, args.model_name or args.checkpoint, engine)
     print(f"serving {args.model_name or args.checkpoint} on http://{args.host}:{args.port}/v1 "
           f"({engine.cache.pool.n_blocks} KV blocks of {args.block_size} tokens, batch up to {args.max_batch})",
           file=sys.stderr, flush=True)

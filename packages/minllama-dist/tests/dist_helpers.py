@@ -59,6 +59,9 @@ def run_ranks(fn, world: int, *args, tmp: Path, timeout: float = 120.0) -> list:
             raise TimeoutError(f"{fn.__name__} on {world} ranks did not finish in {timeout}s (hang)")
     results = []
     for r in range(world):
+        if not (out / f"rank{r}.pt").is_file():  # killed, or os._exit: a test of a rank that dies
+            results.append({"error": f"rank {r} exited without a result", "type": "died"})
+            continue
         got = torch.load(out / f"rank{r}.pt", weights_only=False)
         results.append(got.get("ok", got))
     return results
