@@ -2,6 +2,7 @@
 
     uv run apps/serve.py                                   # the embedded SmolLM2-135M-Instruct on 127.0.0.1:8000
     uv run apps/serve.py --checkpoint path/to/model --port 8080 --max-batch 32 --kv-memory 512
+    uv run torchrun --nproc-per-node 3 apps/serve.py --tp 3  # tensor parallel: 3 processes, rank 0 serves HTTP
 
 Any OpenAI client talks to it:
 
