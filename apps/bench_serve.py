@@ -7,7 +7,8 @@ batching with ``generate``, and speculative decoding against plain decoding, in 
 Workload: a fixed, seeded mix of prompt lengths (16-256 tokens) and answer lengths (8-96 tokens), greedy. At
 concurrency c, c requests are in flight at any time (a closed loop: when one finishes, the next arrives). Static
 batching takes the requests c at a time and runs ``generate`` on each batch (left padding; the batch ends with its
-longest answer). Reported: output tokens/s over the whole run, time to first token (TTFT, p50/p99, from arrival)
+longest answer); transformers' ``generate`` does the same on the same weights, and its ``generate_batch``
+(continuous batching) gets all requests at once (throughput only: it returns when all are done). Reported: output tokens/s over the whole run, time to first token (TTFT, p50/p99, from arrival)
 and inter-token latency (ITL, mean gap between a request's tokens). The prefix-caching row puts a shared 500-token
 system prompt before every request. Times are wall-clock on this machine: compare rows of the same run only; the
 header says when the machine was busy (load average above its core count).
@@ -83,6 +84,65 @@ def run_static(model, jobs, c: int) -> dict:
     return summary("static batching (generate)", c, n_tokens, time.perf_counter() - start, ttft, itl)
 
 
+def load_hf():
+    """transformers' LlamaForCausalLM on the same GGUF weights (its own GGUF loader), fp32, eval."""
+    from transformers import LlamaForCausalLM
+
+    from minllama.core.checkpoint import default_model_path
+
+    path = default_model_path()
+    return LlamaForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                            dtype=torch.float32).eval()
+
+
+def run_hf_static(hf, jobs, c: int) -> dict:
+    """transformers' generate, c requests at a time, left-padded (what a user of transformers would write)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):  # generate calls put() with the prompt first, then once per new token
+        def __init__(self):
+            self.times, self.calls = [], 0
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls > 1:
+                self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ttft, itl, n_tokens = [], [], 0
+    start = time.perf_counter()
+    for i in range(0, len(jobs), c):
+        batch = jobs[i:i + c]
+        width = max(len(p) for p, _ in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch])  # (c, width), left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+        budget, clock, arrived = max(n for _, n in batch), Clock(), time.perf_counter()
+        hf.generate(ids, attention_mask=mask, max_new_tokens=budget, min_new_tokens=budget, do_sample=False,
+                    pad_token_id=0, streamer=clock)
+        for _, n in batch:
+            n_tokens += n
+            ttft.append(clock.times[0] - arrived)
+            itl += [b - a for a, b in zip(clock.times[:n], clock.times[1:n])]
+    return summary("transformers generate (static, padded)", c, n_tokens, time.perf_counter() - start, ttft, itl)
+
+
+def run_hf_continuous(hf, jobs, c: int) -> dict:
+    """transformers' own continuous batching (``generate_batch``), all requests at once, at most c in a batch.
+    It returns only when all are done, so only throughput is comparable (no TTFT / ITL)."""
+    from transformers import GenerationConfig
+
+    budget = max(n for _, n in jobs)  # one config for all: each row is then counted for its own length only
+    config = GenerationConfig(max_new_tokens=budget, do_sample=False, eos_token_id=-1, pad_token_id=0,
+                              max_batch_tokens=max(256, c * 16), num_blocks=4096, block_size=16)
+    start = time.perf_counter()
+    hf.generate_batch([p for p, _ in jobs], generation_config=config, warmup=False)
+    wall = time.perf_counter() - start
+    # it generated ``budget`` tokens for every request; count them all (its throughput, not the workload's)
+    return summary("transformers generate_batch (continuous)", c, budget * len(jobs), wall, [], [])
+
+
 def speculation(model, tokenizer, quick: bool) -> list[dict]:
     text = ("The committee met on Tuesday to review the budget. The committee approved the budget for the library "
             "and the budget for the park, and asked the city to publish the budget online. ") * 3
@@ -122,6 +182,7 @@ def main(argv=None) -> None:
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,11 +200,17 @@ def main(argv=None) -> None:
     jobs = workload(args.requests, vocab, seed=0, scale=scale)
     system = [random.Random(1).randrange(100, vocab) for _ in range(64 if args.quick else 500)]
     shared = workload(args.requests, vocab, seed=0, prefix=system, scale=scale)
-    rows = []
+    rows, hf = [], None if args.no_hf else load_hf()
     with torch.no_grad():
         for c in levels:
             rows.append(run_engine(model, jobs, c, True, "engine"))
             rows.append(run_static(model, jobs, c))
+            if hf is not None:
+                rows.append(run_hf_static(hf, jobs, c))
+                try:
+                    rows.append(run_hf_continuous(hf, jobs, c))
+                except Exception as e:  # noqa: BLE001 -- an API still marked experimental: say why it is absent
+                    print(f"(transformers generate_batch skipped: {type(e).__name__}: {str(e)[:120]})")
             rows.append(run_engine(model, shared, c, False, f"engine, {len(system)}-token shared prompt, no cache"))
             rows.append(run_engine(model, shared, c, True, f"engine, {len(system)}-token shared prompt, cached"))
             print(f"... concurrency {c} done", flush=True)

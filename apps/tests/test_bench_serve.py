@@ -11,4 +11,5 @@ def test_bench_serve_quick_prints_both_tables():
                          capture_output=True, text=True, timeout=900, cwd=APPS.parent)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| engine | 2 |" in out.stdout and "| static batching (generate) | 2 |" in out.stdout
+    assert "| transformers generate (static, padded) | 2 |" in out.stdout
     assert "| prompt lookup, k=4 |" in out.stdout  # speculative output equals plain decoding (asserted inside)
