@@ -41,7 +41,7 @@ def main() -> None:
         raise SystemExit(f"the CPU GEMV kernel cannot run here ({reason}): nothing to compare")
     print(f"{MODEL}, batch 1, eager, {args.new_tokens} greedy tokens, {torch.get_num_threads()} threads, "
           f"median of {args.runs}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
-    print(f"| dtype | F.linear tok/s | C++ GEMV tok/s | speed-up | same tokens |\n|---|---|---|---|---|")
+    print("| dtype | F.linear tok/s | C++ GEMV tok/s | speed-up | same tokens |\n|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
         model, tokenizer = load_pretrained(MODEL, dtype=dtype)
         prompt = tokenizer.encode("The capital of France is")

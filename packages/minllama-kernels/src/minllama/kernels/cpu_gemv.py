@@ -15,6 +15,7 @@ cannot run (no AVX-512, no compiler, a failed build) ``gemv`` is ``F.linear`` an
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -33,8 +34,23 @@ def cpu_gemv_supported() -> str | None:
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return f"the CPU (or ATEN_CPU_CAPABILITY) has no AVX-512: {torch.backends.cpu.get_cpu_capability()}"
     if shutil.which("c++") is None and shutil.which("g++") is None:
-        return "no C++ compiler (c++ / g++) on PATH"
+        return "no C++ compiler (c++ / g++) on PATH: install g++ (the compiler torch.compile uses too)"
+    if not _find_ninja():
+        return "no ninja build tool (cpp_extension needs it): pip install ninja"
     return None
+
+
+def _find_ninja() -> bool:
+    """cpp_extension runs ``ninja`` from PATH. The ``ninja`` wheel (our dependency) installs it next to the
+    interpreter, which is not on PATH when a venv's python is run without activating the venv: add its folder."""
+    if shutil.which("ninja"):
+        return True
+    try:
+        import ninja
+    except ImportError:
+        return False
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    return shutil.which("ninja") is not None
 
 
 @functools.cache
