@@ -6,7 +6,8 @@
 Batch-1 decode multiplies a (1, K) activation by every (N, K) weight matrix once: 2 flops per weight read, so the
 time is the time to stream the weights and GB/s = weight bytes / time is the figure of merit. The candidates run
 alternately, rep after rep, so that a neighbour's load hits them all alike; each reports the median. Weights are
-cycled over several copies (together larger than the last-level cache) so that no candidate reads from cache.
+cycled over several copies, together twice the last-level cache (--working-set-mb), so that every rep reads its
+weights from DRAM, as a decode step does (a whole model's weights do not fit in the cache).
 """
 from __future__ import annotations
 
@@ -40,6 +41,15 @@ def candidates(x: torch.Tensor, w: torch.Tensor) -> dict:
     return out
 
 
+def last_level_cache_mb() -> float:
+    """Size of the L3 cache (Linux sysfs), or 256 MB when it cannot be read."""
+    try:
+        size = open("/sys/devices/system/cpu/cpu0/cache/index3/size").read().strip()  # e.g. "491520K"
+        return int(size.rstrip("KMG")) * {"K": 2**-10, "M": 1, "G": 2**10}[size[-1]]
+    except (OSError, ValueError, KeyError):
+        return 256.0
+
+
 def measure(shape, dtype, reps: int, copies: int) -> dict:
     K, N = shape
     sets = []
@@ -66,18 +76,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    p.add_argument("--working-set-mb", type=float, default=2 * last_level_cache_mb(),
+                   help="weight copies per shape add up to this, so that each rep reads from DRAM")
     a = p.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, L3 {last_level_cache_mb():.0f} MB, "
+          f"weight working set {a.working_set_mb:.0f} MB per shape")
     for threads in a.threads:
         torch.set_num_threads(threads)
         for dtype in (torch.float32, torch.bfloat16):
             print(f"\nGB/s (weight bytes / median time), {str(dtype).removeprefix('torch.')}, {threads} threads")
             rows = []
             for K, N in SHAPES:
-                # several copies of the weights, together > 64 MB, so each rep reads from DRAM
                 mb = N * K * (4 if dtype == torch.float32 else 2) / 2**20
-                rows.append(((K, N), measure((K, N), dtype, a.reps, copies=max(2, int(64 / mb) + 1))))
+                copies = min(max(2, int(a.working_set_mb / mb) + 1), a.reps)  # more copies than reps are never read
+                rows.append(((K, N), measure((K, N), dtype, a.reps, copies)))
             names = list(rows[0][1])
             print("| K -> N | " + " | ".join(names) + " |")
             print("|---" * (len(names) + 1) + "|")
