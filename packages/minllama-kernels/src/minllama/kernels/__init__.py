@@ -6,9 +6,13 @@ decode attention).
     loss = fused_loss(model, tokens, targets)   # the training loss without the (tokens, vocab) logits
 
 Every kernel has a PyTorch fallback, used where Triton cannot run (a CPU without TRITON_INTERPRET=1, no triton).
+
+    from minllama.kernels import use_cpu_gemv
+    use_cpu_gemv(model)                   # batch-1 decode on a CPU: the C++ AVX-512 GEMV for every nn.Linear
 """
 from .swap import (KernelAttention, KernelFeedForward, KernelRMSNorm, KernelTransformerBlock, apply, fused_loss,
                     is_applied, remove)
+from .cpu_gemv import GemvLinear, remove_cpu_gemv, use_cpu_gemv
 from .cross_entropy import fused_linear_cross_entropy
 from .decode_attention import decode_attention
 from .rmsnorm import rms_norm
@@ -18,4 +22,4 @@ from .swiglu import swiglu
 
 __all__ = ["apply", "remove", "is_applied", "fused_loss", "fused_linear_cross_entropy", "decode_attention", "rms_norm",
            "rope_qk", "swiglu", "triton_usable", "interpreting", "KernelRMSNorm", "KernelAttention",
-           "KernelFeedForward", "KernelTransformerBlock"]
+           "KernelFeedForward", "KernelTransformerBlock", "use_cpu_gemv", "remove_cpu_gemv", "GemvLinear"]
