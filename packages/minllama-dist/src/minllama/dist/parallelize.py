@@ -26,6 +26,7 @@ activations are 1/N each.
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -96,18 +97,28 @@ def apply_tensor_parallel_training(model: MinimalLlama, mesh: DeviceMesh) -> Min
     the (vocab, dim) matrix by rows, so one DTensor serves both; it is re-tied after ``parallelize_module`` gave
     each module its own copy.
     """
-    cfg, n = model.config, mesh.size()
-    check_tensor_parallel(cfg, n)
-    parallelize_module(model, mesh, ROOT_PLAN_SP)
-    if cfg.tie_embeddings:
+    shard_for_training(model, mesh)
+    if model.config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # same placement (Shard(0) of vocab): one parameter
-    for block in model.layers:
+    model.register_forward_pre_hook(_sequence_must_split, with_kwargs=True)
+    return model
+
+
+def shard_for_training(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """The plan above applied to ``module``, in place: a ``MinimalLlama``, or a pipeline stage (``LlamaStage``:
+    some of the layers, the embedding only in the first stage, the norm and head only in the last). The root plan
+    is applied to the parts the module has; ``module.tp_size`` records the degree (a stage needs it to know the
+    full sequence length from the (B, T/tp, dim) slice it receives)."""
+    cfg, n = module.config, mesh.size()
+    check_tensor_parallel(cfg, n)
+    parallelize_module(module, mesh, {k: v for k, v in ROOT_PLAN_SP.items() if getattr(module, k, None) is not None})
+    layers = module.layers.values() if isinstance(module.layers, nn.ModuleDict) else module.layers
+    for block in layers:
         parallelize_module(block, mesh, BLOCK_PLAN_SP)
         block.attention.n_heads = cfg.n_heads // n  # the views in Attention.project see the local heads
         block.attention.n_kv_heads = cfg.n_kv_heads // n
-    model.tp_size = n
-    model.register_forward_pre_hook(_sequence_must_split, with_kwargs=True)
-    return model
+    module.tp_size = n
+    return module
 
 
 def _sequence_must_split(model: MinimalLlama, args: tuple, kwargs: dict) -> None:
