@@ -9,7 +9,7 @@ from torch.distributed.tensor import DTensor
 from dist_helpers import ok, run_ranks, tiny_model
 from minllama.dist import (TokenBatches, build_mesh, build_pipeline, load_checkpoint, parallelize_llama,
                            pipeline_train_step, plan_mesh, save_checkpoint, train_step)
-from minllama.dist.context_parallel import cp_train_step
+from minllama.dist.context_parallel import apply_context_parallel, context_parallel_loss, cp_train_step
 
 STEPS = 3
 BATCH, SEQ = 4, 16
@@ -139,3 +139,18 @@ def test_a_window_whose_ring_share_does_not_split_over_tp_is_one_clear_error():
     assert "--seq-len 20 over cp = 2 ranks gives each 10 tokens, which do not split over tp = 4" in str(e.value)
     assert "multiple of 2 * cp * tp = 16" in str(e.value)
     assert plan_mesh(4, cp=2, tp=2, seq_len=15).cp == 2  # 15 -> 4 chunks of 4 (padded): 8 per ring rank, 4 per tp
+
+
+def ring_share_worker(rank, world):
+    model = tiny_model("tiny-gqa")
+    cp = apply_context_parallel(model)  # a ring of 1: each "rank" holds 2 chunks of ceil(T / 2)
+    model.tp_size = 4  # what shard_for_training records: the guard reads it before any collective
+    with pytest.raises(ValueError) as e:
+        context_parallel_loss(model, cp, torch.zeros(1, 11, dtype=torch.long))  # 10 tokens -> L = 10
+    return str(e.value)
+
+
+def test_cp_loss_refuses_a_ring_share_that_sequence_parallel_cannot_split(tmp_path):
+    message, = ok(run_ranks(ring_share_worker, 1, tmp=tmp_path))
+    assert "10 tokens over a ring of 1 give 10 per rank, which sequence parallel cannot split over tp=4" in message
+    assert "multiple of 2 * cp * tp = 8" in message
