@@ -6,9 +6,12 @@
     uv run torchrun --standalone --nproc-per-node 4 apps/train.py --tp 2       # FSDP over 2 x tensor parallel 2
     uv run torchrun --standalone --nproc-per-node 4 apps/train.py --pp 2       # pipeline: 2 stages x FSDP over 2
     uv run torchrun --standalone --nproc-per-node 4 apps/train.py --cp 2       # rings of 2 ranks split each window
+    uv run torchrun --standalone --nproc-per-node 4 apps/train.py --pp 2 --tp 2    # 2 stages, each tensor parallel
+    uv run torchrun --standalone --nproc-per-node 4 apps/train.py --cp 2 --tp 2    # rings of 2 x tensor parallel 2
 
 The ranks form a (pp, dp_shard, cp, tp) mesh: --tp splits every weight matrix (and the sequence between blocks)
 over that many neighbouring ranks; FSDP shards over the rest (--dp-shard, derived: world / (pp * cp * tp)).
+--pp composes with --tp and FSDP, --cp with --tp and FSDP; --pp with --cp is refused (not built yet).
 
 Tokens are bytes (vocab 256, the size of the tiny presets), so no tokenizer is needed. The default corpus,
 apps/data/fables.txt, is original text dedicated to the public domain (CC0). Every --ckpt-every steps a DCP
@@ -33,11 +36,10 @@ import torch.distributed as dist
 
 from minllama.core import CheckpointError, LlamaConfig
 from minllama.core.config import PRESETS
-from minllama.dist import (MESH_DIMS, CheckpointManager, TokenBatches, apply_fsdp, build_mesh, check_checkpoint,
-                           data_parallel_mesh, dcp_to_hf, init_distributed, init_from_rank0, materialize, meta_model,
-                           parallelize_llama, pipeline_for_training, pipeline_train_step, plan_mesh, shutdown,
-                           train_step)
-from minllama.dist.context_parallel import context_parallel_training
+from minllama.dist import (MESH_DIMS, CheckpointManager, TokenBatches, build_mesh, check_checkpoint, dcp_to_hf,
+                           init_distributed, init_from_rank0, materialize, meta_model, parallelize_llama,
+                           pipeline_for_training, pipeline_train_step, plan_mesh, shutdown, train_step)
+from minllama.dist.context_parallel import cp_train_step
 from minllama.dist.parallelize import full_logits, pad_to_multiple
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "fables.txt"
@@ -127,14 +129,10 @@ def main(argv=None) -> int:
                           dp_shard=args.dp_shard, cfg=cfg, seq_len=args.seq_len)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    if shape.pp > 1 and (shape.tp > 1 or shape.cp > 1):
-        sys.exit("error: --pp composes with FSDP (the other mesh dimension) in this version, not yet with --tp or "
-                 "--cp: use one of them")
+    if shape.pp > 1 and shape.cp > 1:
+        sys.exit("error: --pp composes with --tp and FSDP in this version, not yet with --cp: use --pp or --cp")
     if shape.pp > 1 and args.bf16:
         sys.exit("error: --bf16 is not supported with --pp: train the pipeline in fp32 (drop --bf16)")
-    if shape.cp > 1 and shape.tp > 1:
-        sys.exit("error: --cp composes with FSDP (the other mesh dimension) in this version, not yet with --tp: "
-                 "use one of them")
     if cfg.max_seq_len % shape.tp:
         sys.exit(f"error: --config {args.config} has a context of {cfg.max_seq_len}, not a multiple of --tp "
                  f"{shape.tp} (sampling pads the window to one)")
@@ -148,25 +146,18 @@ def main(argv=None) -> int:
     # The model: built on the meta device, sharded (tensor parallel over "tp", then FSDP over "dp_shard"), and only
     # then allocated (each rank: its shards only). Rank 0 draws the initial weights and broadcasts them, so that
     # every mesh starts from the same numbers. With --pp, each rank keeps only its stages' layers
-    # (minllama.dist.pipeline, which builds its own ("pp", "dp_shard") mesh), starting from the same numbers.
+    # (minllama.dist.pipeline; each stage tensor parallel over "tp" with --tp), starting from the same numbers.
+    # With --cp, the ranks of a ring (the "cp" dimension) read the same rows, each its part of every window
+    # (ring attention, on the local heads under --tp), and FSDP shards over dp_shard x cp.
     pipe, step_fn = None, train_step
     if shape.pp > 1:
         try:
             pipe = pipeline_for_training(cfg, args.seed, device, args.pp, args.pp_schedule, args.microbatches,
-                                         args.batch_size, activation_checkpointing=args.activation_checkpointing)
+                                         args.batch_size, activation_checkpointing=args.activation_checkpointing,
+                                         tp=shape.tp)
         except ValueError as e:
             sys.exit(f"error: {e}")
         model, dp_rank = pipe.model, pipe.dp_rank
-    elif shape.cp > 1:  # rings of cp consecutive ranks split each window (ring attention), the rings split the batch
-        model = meta_model(cfg)
-        try:
-            step_fn, dp_rank, _ = context_parallel_training(model, shape.cp, args.batch_size)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-        apply_fsdp(model, data_parallel_mesh(device), param_dtype=torch.bfloat16 if args.bf16 else None,
-                   activation_checkpointing=args.activation_checkpointing)  # FSDP over every rank, rings included
-        materialize(model, device, init=False)
-        init_from_rank0(model, args.seed)
     else:
         mesh = build_mesh(shape, device.type)
         dp_rank = mesh["dp_shard"].get_local_rank()  # which rows of each global batch are ours
@@ -175,6 +166,9 @@ def main(argv=None) -> int:
                           activation_checkpointing=args.activation_checkpointing)
         materialize(model, device, init=False)
         init_from_rank0(model, args.seed)
+        if shape.cp > 1:
+            def step_fn(m, opt, tokens):
+                return cp_train_step(m, opt, tokens, m.context_parallel)
     torch.manual_seed(args.seed + rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     data = TokenBatches(encode(args.corpus.read_text("utf-8")), args.seq_len, args.batch_size, seed=args.seed)

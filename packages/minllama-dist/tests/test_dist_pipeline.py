@@ -211,6 +211,8 @@ def test_a_cut_stage_computes_what_the_full_model_computes():
      ["rounds of 2", "multiple of --pp 2 micro-batches"]),
     ({"pp": 2, "config": "tiny-mqa"}, ["tiny-mqa ties the head to the embedding", "untied embeddings"]),
     ({"pp": 0}, ["--pp 0", "use --pp 1"]),
+    ({"pp": 2, "tp": 2, "world": 6}, ["6 ranks do not split into pipelines of 2 stages x --tp 2", "--pp x --tp = 4"]),
+    ({"pp": 2, "tp": 2, "world": 4, "batch_size": 3}, ["--batch-size 3 does not split into 1 data-parallel"]),
 ])
 def test_bad_pipeline_options_are_one_clear_error(kwargs, words):
     cfg = LlamaConfig.from_name(kwargs.pop("config", "tiny-gqa"), n_layers=kwargs.pop("n_layers", 2))

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from minllama.core.model import Attention, MinimalLlama
 
@@ -369,11 +371,18 @@ def context_parallel_loss(model: MinimalLlama, cp: ContextParallel, tokens: Tens
     does) gives exactly the gradient of one process on the whole sequences."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (b, T) each
     b, T = inputs.shape
+    tp = getattr(model, "tp_size", 1)  # tensor parallel too: sequence parallel splits each rank's L tokens again
     with cp.sequence(T) as layout:
+        if layout.local_len % tp:
+            raise ValueError(f"{T} tokens over a ring of {cp.world} give {layout.local_len} per rank, which "
+                             f"sequence parallel cannot split over tp={tp}: use a --seq-len that is a multiple of "
+                             f"2 * cp * tp = {2 * cp.world * tp}")
         local_inputs = layout.shard(inputs, cp.rank)  # (b, L)
         local_targets = layout.shard(targets, cp.rank, pad_value=-100)  # padding is ignored by the loss
         input_pos = cp.rope_positions(layout, model.config.max_seq_len, tokens.device)
         logits = model(local_inputs, input_pos=input_pos)  # (b, L, vocab)
+    # (under tensor parallel the logits are vocabulary-sharded, (b, L, vocab/tp): the caller runs this and the
+    # backward inside loss_parallel, as cp_train_step does)
     loss_sum = F.cross_entropy(logits.float().flatten(0, 1), local_targets.flatten(), ignore_index=-100,
                                reduction="sum")
     return loss_sum * cp.world / (b * T)
@@ -389,10 +398,13 @@ def average_gradients(model: torch.nn.Module, group) -> None:
 
 
 def cp_train_step(model, optimizer, tokens: Tensor, cp: ContextParallel, max_grad_norm: float | None = 1.0) -> float:
-    """``training.train_step`` with the sequence split over the ring; returns the loss averaged over all ranks."""
-    with cp.sequence(tokens.shape[1] - 1):  # also during backward: activation checkpointing recomputes forward
-        loss = context_parallel_loss(model, cp, tokens)
-        loss.backward()
+    """``training.train_step`` with the sequence split over the ring; returns the loss averaged over all ranks.
+    A model that is tensor parallel too (``parallelize_llama`` on a mesh with cp and tp) computes its
+    vocabulary-sharded loss, and its backward, inside ``loss_parallel``."""
+    vocab_sharded = getattr(model, "tp_size", 1) > 1
+    with cp.sequence(tokens.shape[1] - 1), loss_parallel() if vocab_sharded else contextlib.nullcontext():
+        loss = context_parallel_loss(model, cp, tokens)  # (the sequence stays active during backward:
+        loss.backward()  # activation checkpointing recomputes the forward there)
     sharded = any(hasattr(p, "placements") for p in model.parameters())  # DTensors: FSDP averages the gradients
     if not sharded:
         average_gradients(model, cp.group)
@@ -401,6 +413,8 @@ def cp_train_step(model, optimizer, tokens: Tensor, cp: ContextParallel, max_gra
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss = loss.detach()
+    if isinstance(loss, DTensor):  # replicated over the tp ranks
+        loss = loss.to_local()
     if dist.get_world_size() > 1:
         dist.all_reduce(loss)
         loss /= dist.get_world_size()

@@ -74,7 +74,13 @@ def plan_mesh(world: int, *, tp: int = 1, pp: int = 1, cp: int = 1, dp_shard: in
         if cfg.n_layers % pp:
             raise ValueError(f"n_layers={cfg.n_layers} does not split into pp={pp} pipeline stages: use --pp in "
                              f"{_divisors(cfg.n_layers)}")
-    if seq_len is not None and seq_len % tp:  # (context parallel pads the sequence to a multiple of 2 * cp itself)
+    if seq_len is not None and cp > 1:  # context parallel first: each ring rank 2 chunks of ceil(T / 2cp) (padded)
+        local = 2 * -(-seq_len // (2 * cp))
+        if local % tp:
+            raise ValueError(f"--seq-len {seq_len} over cp = {cp} ranks gives each {local} tokens, which do not "
+                             f"split over tp = {tp} ranks (sequence parallel splits each ring rank's tokens again): "
+                             f"use a multiple of 2 * cp * tp = {2 * cp * tp}")
+    elif seq_len is not None and seq_len % tp:
         raise ValueError(f"--seq-len {seq_len} does not split over tp = {tp} ranks (sequence parallel gives each tp "
                          f"rank seq_len / tp positions): use a multiple of {tp}")
     return MeshShape(pp=pp, dp_shard=dp_shard, cp=cp, tp=tp)

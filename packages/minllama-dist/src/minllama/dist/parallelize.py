@@ -26,6 +26,7 @@ activations are 1/N each.
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -96,18 +97,28 @@ def apply_tensor_parallel_training(model: MinimalLlama, mesh: DeviceMesh) -> Min
     the (vocab, dim) matrix by rows, so one DTensor serves both; it is re-tied after ``parallelize_module`` gave
     each module its own copy.
     """
-    cfg, n = model.config, mesh.size()
-    check_tensor_parallel(cfg, n)
-    parallelize_module(model, mesh, ROOT_PLAN_SP)
-    if cfg.tie_embeddings:
+    shard_for_training(model, mesh)
+    if model.config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # same placement (Shard(0) of vocab): one parameter
-    for block in model.layers:
+    model.register_forward_pre_hook(_sequence_must_split, with_kwargs=True)
+    return model
+
+
+def shard_for_training(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """The plan above applied to ``module``, in place: a ``MinimalLlama``, or a pipeline stage (``LlamaStage``:
+    some of the layers, the embedding only in the first stage, the norm and head only in the last). The root plan
+    is applied to the parts the module has; ``module.tp_size`` records the degree (a stage needs it to know the
+    full sequence length from the (B, T/tp, dim) slice it receives)."""
+    cfg, n = module.config, mesh.size()
+    check_tensor_parallel(cfg, n)
+    parallelize_module(module, mesh, {k: v for k, v in ROOT_PLAN_SP.items() if getattr(module, k, None) is not None})
+    layers = module.layers.values() if isinstance(module.layers, nn.ModuleDict) else module.layers
+    for block in layers:
         parallelize_module(block, mesh, BLOCK_PLAN_SP)
         block.attention.n_heads = cfg.n_heads // n  # the views in Attention.project see the local heads
         block.attention.n_kv_heads = cfg.n_kv_heads // n
-    model.tp_size = n
-    model.register_forward_pre_hook(_sequence_must_split, with_kwargs=True)
-    return model
+    module.tp_size = n
+    return module
 
 
 def _sequence_must_split(model: MinimalLlama, args: tuple, kwargs: dict) -> None:
@@ -126,22 +137,37 @@ def _sequence_must_split(model: MinimalLlama, args: tuple, kwargs: dict) -> None
 def parallelize_llama(model: MinimalLlama, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
                       activation_checkpointing: bool = False) -> MinimalLlama:
     """Apply the splits of a (pp, dp_shard, cp, tp) ``mesh`` (``mesh.build_mesh``) to ``model``, in place, in
-    torchtitan's order: tensor parallel on ``mesh["tp"]`` first, then FSDP2 on ``mesh["dp_shard"]``.
+    torchtitan's order: tensor parallel on ``mesh["tp"]`` first, then context parallel on ``mesh["cp"]``, then
+    FSDP2 on the data ranks.
 
     The order matters: FSDP shards whatever parameters it finds, so it must find the TP DTensors (a weight that is
     Shard(0) over tp becomes Shard(0) over dp_shard *of* that, a 2-D DTensor); TP applied after FSDP would split
     FSDP's flat shards, not the heads. Activation checkpointing and mixed precision are FSDP's (``apply_fsdp``).
     FSDP runs even over a dp_shard of 1 rank: mixed precision and the DTensor state dicts then work the same way
     on every mesh.
+
+    Context parallel x tensor parallel (cp > 1): both split the sequence, in this order. CP first: the ring of
+    ``mesh["cp"]`` gives each of its ranks L = T/cp tokens (its two load-balanced chunks). SP then splits those L
+    between the tp ranks between blocks (L/tp each, so L must be a multiple of tp); attention all-gathers the L
+    tokens over tp, and the ring runs on each tp rank's local heads (n_heads/tp, n_kv_heads/tp) with the tp ranks
+    of the same index in the other ring positions. Every cp rank computes a share of the loss of the same rows, so
+    the gradients are averaged over dp_shard *and* cp: FSDP shards over the two flattened into one "dp_shard_cp"
+    dimension (as torchtitan does; ``DeviceMesh._flatten`` is PyTorch's, private, way to get that 1-D view).
+    The ring is ``model.context_parallel``: train with ``context_parallel.cp_train_step(model, opt, tokens,
+    model.context_parallel)``. Pipeline parallel (pp > 1) is ``pipeline.build_pipeline``'s.
     """
-    for dim in ("pp", "cp"):
-        if mesh[dim].size() > 1:
-            raise NotImplementedError(f"{dim}={mesh[dim].size()}: this version of parallelize_llama applies only "
-                                      f"tp and dp_shard; run with {dim}=1")
+    if mesh["pp"].size() > 1:
+        raise NotImplementedError(f"pp={mesh['pp'].size()}: parallelize_llama applies tp, cp and dp_shard; a "
+                                  f"pipeline is built by pipeline.build_pipeline (which takes this mesh)")
     if mesh["tp"].size() > 1:
         apply_tensor_parallel_training(model, mesh["tp"])
-    return apply_fsdp(model, mesh["dp_shard"], param_dtype=param_dtype,
-                      activation_checkpointing=activation_checkpointing)
+    data_mesh = mesh["dp_shard"]
+    if mesh["cp"].size() > 1:
+        from .context_parallel import apply_context_parallel  # (it imports training, which imports nothing here)
+
+        model.context_parallel = apply_context_parallel(model, mesh["cp"].get_group())
+        data_mesh = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    return apply_fsdp(model, data_mesh, param_dtype=param_dtype, activation_checkpointing=activation_checkpointing)
 
 
 def tp_lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:

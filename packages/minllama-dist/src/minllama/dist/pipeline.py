@@ -17,6 +17,7 @@ another pipeline layout, and back.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -28,11 +29,14 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from minllama.core import LlamaConfig, MinimalLlama
 from minllama.core.model import rope_cache, rope_frequencies
 
 from .fsdp import apply_activation_checkpointing
+from .mesh import build_mesh, plan_mesh
+from .parallelize import shard_for_training
 from .training import lm_loss
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
@@ -54,14 +58,19 @@ class LlamaStage(nn.Module):
         self.tok_embeddings = tok_embeddings
         self.layers = nn.ModuleDict({str(i): block for i, block in layers.items()})
         self.norm, self.output = norm, output
+        self.tp_size = 1  # set by parallelize.shard_for_training: between blocks each rank holds T/tp positions
         self.register_buffer("rope", rope, persistent=False)  # (max_seq_len, head_dim/2, 2), in no checkpoint
 
     def forward(self, x: Tensor) -> Tensor:
         """First stage: tokens (B, T) -> hidden (B, T, dim). Middle: hidden -> hidden. Last: hidden -> logits
         (B, T, vocab). The same computation as ``MinimalLlama.forward`` without a cache: causal attention over
-        positions 0..T-1 (``mask=None`` is SDPA's causal path, as in the full model)."""
-        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # (B, T, dim)
-        rope = self.rope[:h.shape[1]]  # (T, head_dim/2, 2)
+        positions 0..T-1 (``mask=None`` is SDPA's causal path, as in the full model).
+
+        Under tensor parallel (sequence parallel between blocks) a stage receives and sends its rank's slice of
+        the sequence, (B, T/tp, dim): attention all-gathers the T positions, so RoPE must cover all T of them."""
+        T = x.shape[1] if self.tok_embeddings is not None else x.shape[1] * self.tp_size  # full sequence length
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # (B, T/tp, dim)
+        rope = self.rope[:T]  # (T, head_dim/2, 2)
         for block in self.layers.values():
             h = block(h, rope)
         if self.norm is not None:
@@ -114,7 +123,7 @@ def pipeline_mesh(device: torch.device, pp: int) -> DeviceMesh:
 
 
 def check_pipeline_args(cfg: LlamaConfig, world: int, pp: int, schedule: str, batch_size: int,
-                        microbatches: int) -> None:
+                        microbatches: int, tp: int = 1) -> None:
     """Refuse, with one clear ValueError, a pipeline that cannot be built (before any process group work)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
@@ -128,10 +137,11 @@ def check_pipeline_args(cfg: LlamaConfig, world: int, pp: int, schedule: str, ba
         options = [k for k in range(1, cfg.n_layers + 1) if cfg.n_layers % (k * per_rank) == 0]
         raise ValueError(f"{cfg.n_layers} layers do not split into {pp * per_rank} pipeline stages ({schedule}: "
                          f"{per_rank} per rank x --pp {pp}): choose --pp among {options or 'none: use 1f1b'}")
-    if world % pp:
-        raise ValueError(f"{world} ranks do not split into pipelines of {pp} stages: run a multiple of --pp ranks "
-                         f"(or choose --pp among {_divisors(world)})")
-    dp = world // pp
+    if world % (pp * tp):
+        what = f"{pp} stages" if tp == 1 else f"{pp} stages x --tp {tp} ranks each"
+        raise ValueError(f"{world} ranks do not split into pipelines of {what}: run a multiple of --pp"
+                         f"{'' if tp == 1 else ' x --tp'} = {pp * tp} ranks")
+    dp = world // (pp * tp)
     if microbatches < 1 or batch_size % (dp * microbatches):
         raise ValueError(f"--batch-size {batch_size} does not split into {dp} data-parallel replica(s) x "
                          f"{microbatches} micro-batches: use a batch size that is a multiple of {dp * microbatches}")
@@ -147,7 +157,7 @@ class Pipeline:
     model: every module this rank owns, under the full model's names: give its parameters to the optimizer and
         pass it to ``save_checkpoint`` / ``CheckpointManager`` / ``load_checkpoint`` like any model.
     stages: the ``PipelineStage``s this rank runs (1, or 2 for the interleaved schedule; they share ``model``'s
-        modules). mesh: the ("pp", "dp_shard") mesh.
+        modules). mesh: the ("pp", "dp_shard") mesh, or build_mesh's (pp, dp_shard, cp, tp) one.
     """
 
     model: LlamaStage
@@ -163,6 +173,10 @@ class Pipeline:
     def dp_size(self) -> int:
         return self.mesh["dp_shard"].size()
 
+    @property
+    def tp_size(self) -> int:
+        return self.mesh["tp"].size() if "tp" in self.mesh.mesh_dim_names else 1
+
 
 def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, schedule: str = "1f1b",
                    microbatches: int = 4, activation_checkpointing: bool = False) -> Pipeline:
@@ -172,6 +186,13 @@ def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, 
 
     Stage placement: with S = pp x stages-per-rank stages, rank r of the pipeline runs stages r, r + pp, ...
     (the interleaved schedule's "looped" layout: rank 0 owns layers of the first and the third quarter).
+
+    ``mesh`` may also be ``build_mesh``'s (pp, dp_shard, cp, tp) mesh (cp = 1): each stage is then tensor
+    parallel over "tp" (``parallelize.shard_for_training``: sequence parallel between blocks, so the activations
+    sent between stages are each rank's (B/m, T/tp, dim) slice; the last stage's logits stay vocabulary-sharded
+    and the loss is loss-parallel), then FSDP over "dp_shard": TP first, as ``parallelize_llama`` does. The
+    stages learn the shapes they receive from the first micro-batch (PyTorch's runtime shape inference), so the
+    local shapes need not be spelled out.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
@@ -181,6 +202,9 @@ def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, 
         raise RuntimeError(f"PyTorch {torch.__version__}'s pipeline schedules do not average gradients over "
                            "micro-batches (no scale_grads): minllama.dist.pipeline needs PyTorch 2.7 or newer")
     pp_mesh, dp_mesh = mesh["pp"], mesh["dp_shard"]
+    if "cp" in mesh.mesh_dim_names and mesh["cp"].size() > 1:
+        raise ValueError(f"cp={mesh['cp'].size()}: a pipeline does not compose with context parallel in this "
+                         "version: use --pp with --tp and/or FSDP, or --cp without --pp")
     pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
     n_stages = pp * STAGES_PER_RANK[schedule]
     ranges = split_layers(model.config.n_layers, n_stages)
@@ -190,6 +214,10 @@ def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, 
     owned = chunks[0] if len(chunks) == 1 else cut_stage(model, everything, 0 in mine, n_stages - 1 in mine)
     for part in [*chunks, owned]:  # (the modules are shared; each part also holds its own reference to the rope)
         part.to(device)
+    if "tp" in mesh.mesh_dim_names and mesh["tp"].size() > 1:
+        shard_for_training(owned, mesh["tp"])  # the modules of every chunk are owned's: sharded once
+        for chunk in chunks:
+            chunk.tp_size = owned.tp_size
     if activation_checkpointing:  # keep only each block's input per micro-batch; recompute the rest in backward
         for block in owned.layers.values():
             apply_activation_checkpointing(block)
@@ -226,11 +254,17 @@ def pipeline_forward_backward(pipe: Pipeline, tokens: Tensor) -> Tensor | None:
     FSDP, over replicas: the gradient of the mean loss over the global batch). Every stage of one pipeline gets
     the same rows: the first feeds them in, the last scores against them. Returns the replica's mean loss on the
     rank that holds the last stage, None elsewhere."""
+    if (tokens.shape[1] - 1) % pipe.tp_size:
+        raise ValueError(f"{tokens.shape[1] - 1} tokens per row do not split over tp={pipe.tp_size} ranks: "
+                         f"sequence parallel needs a --seq-len that is a multiple of {pipe.tp_size}")
     losses: list[Tensor] = []
     inputs = (tokens[:, :-1],) if pipe.stages[0].is_first else ()  # (b, T): only the first stage reads tokens
     # newer PyTorch can skip gathering the last stage's logits into one tensor: nobody reads them here
     skip = {"return_outputs": False} if "return_outputs" in inspect.signature(pipe.schedule.step).parameters else {}
-    pipe.schedule.step(*inputs, target=tokens, losses=losses, **skip)
+    # vocabulary-sharded logits (tp > 1): the loss *and its backward* run inside loss_parallel (parallelize.py)
+    with loss_parallel() if pipe.tp_size > 1 else contextlib.nullcontext():
+        pipe.schedule.step(*inputs, target=tokens, losses=losses, **skip)
+    losses = [loss.to_local() if isinstance(loss, DTensor) else loss for loss in losses]  # replicated over tp
     return torch.stack(losses).mean().detach() if losses else None  # equal micro-batches: mean of means
 
 
@@ -242,19 +276,22 @@ def pipeline_train_step(pipe: Pipeline, optimizer, tokens: Tensor, max_grad_norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss = loss if loss is not None else torch.zeros((), device=tokens.device)
-    dist.all_reduce(loss)  # only the last stage's ranks hold a loss (one per replica): the sum is theirs
-    return float(loss) / pipe.dp_size
+    dist.all_reduce(loss)  # only the last stage's ranks hold a loss (one per replica and tp rank): the sum is theirs
+    return float(loss) / (pipe.dp_size * pipe.tp_size)
 
 
 def pipeline_for_training(cfg: LlamaConfig, seed: int, device: torch.device, pp: int, schedule: str,
-                          microbatches: int, batch_size: int, activation_checkpointing: bool = False) -> Pipeline:
+                          microbatches: int, batch_size: int, activation_checkpointing: bool = False,
+                          tp: int = 1) -> Pipeline:
     """What ``apps/train.py --pp`` calls: check the options, build the mesh, draw the initial weights and cut.
 
     Every rank draws the *full* model from ``seed`` on the CPU (the numbers of one process, ``init_from_rank0``'s
     too, so runs on any layout start equal) and keeps its stages: fine at tutorial sizes; a large model would be
     built on the meta device and filled from a checkpoint (``load_checkpoint`` reads just this rank's tensors)."""
-    check_pipeline_args(cfg, dist.get_world_size(), pp, schedule, batch_size, microbatches)
+    check_pipeline_args(cfg, dist.get_world_size(), pp, schedule, batch_size, microbatches, tp)
     torch.manual_seed(seed)
     full = MinimalLlama(cfg)
     full.init_weights()
-    return build_pipeline(full, pipeline_mesh(device, pp), device, schedule, microbatches, activation_checkpointing)
+    mesh = pipeline_mesh(device, pp) if tp == 1 else build_mesh(plan_mesh(dist.get_world_size(), pp=pp, tp=tp),
+                                                                 device.type)
+    return build_pipeline(full, mesh, device, schedule, microbatches, activation_checkpointing)
