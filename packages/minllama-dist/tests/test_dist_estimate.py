@@ -6,31 +6,17 @@ import torch
 from dist_helpers import ok, run_ranks
 
 from minllama.core import LlamaConfig, MinimalLlama
-from minllama.dist import apply_fsdp, data_parallel_mesh, lm_loss, materialize, meta_model
+from minllama.dist import lm_loss
 from minllama.dist.estimate import Layout, estimate, main
-from minllama.dist.traffic import CountedTraffic
+from minllama.dist.measure import SavedActivations, measure_step
 
 BATCH, SEQ = 4, 32
 
 
-def local_bytes(tensors) -> int:
-    return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
-
-
-def saved_activation_bytes(model, tokens) -> tuple[int, torch.Tensor]:
-    """Bytes of the unique storages autograd saves for backward, weights excluded, counted after the forward: FSDP2
-    saves its gathered weights too, but frees their storage (size 0) when it reshards, so they count 0 then."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = lm_loss(model(tokens[:, :-1]), tokens)
-    weights = [t.to_local() if hasattr(t, "to_local") else t for t in [*model.parameters(), *model.buffers()]]
-    own = {t.untyped_storage().data_ptr() for t in weights}
-    return sum(s.nbytes() for ptr, s in seen.items() if ptr not in own), loss
+def saved_activation_bytes(model, tokens) -> int:
+    with SavedActivations() as saved:
+        lm_loss(model(tokens[:, :-1]), tokens)
+    return saved.bytes(model)
 
 
 def test_activations_of_one_process_match_the_formula():
@@ -39,38 +25,36 @@ def test_activations_of_one_process_match_the_formula():
     model = MinimalLlama(cfg)
     model.init_weights()
     tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1))
-    measured, _ = saved_activation_bytes(model, tokens)
+    measured = saved_activation_bytes(model, tokens)
     est = estimate(cfg, Layout(), BATCH, SEQ)
     assert est.activations == pytest.approx(measured, rel=0.10)
     assert est.params == sum(p.numel() for p in model.parameters()) * 4
 
 
-def _fsdp_step(rank, world):
-    cfg = LlamaConfig.from_name("tiny-gqa", n_layers=3)
-    model = apply_fsdp(meta_model(cfg), data_parallel_mesh(torch.device("cpu")), prefetch=0)
-    materialize(model, torch.device("cpu"))
-    opt = torch.optim.AdamW(model.parameters())
-    torch.manual_seed(rank)
-    tokens = torch.randint(0, cfg.vocab_size, (BATCH // world, SEQ + 1))
-    with CountedTraffic() as traffic:
-        acts, loss = saved_activation_bytes(model, tokens)
-        loss.backward()
-    grads = local_bytes(p.grad for p in model.parameters())
-    opt.step()
-    optim = local_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    return {"params": local_bytes(model.parameters()), "grads": grads, "optim": optim, "acts": acts,
-            **traffic.sent}
+def _measure(rank, world, cfg, layout):
+    return measure_step(cfg, layout, BATCH, SEQ)
 
 
-def test_fsdp_memory_and_traffic_match_the_estimate(tmp_path):
-    world = 2
-    cfg = LlamaConfig.from_name("tiny-gqa", n_layers=3)
-    est = estimate(cfg, Layout(dp_shard=world), BATCH, SEQ)
-    for got in ok(run_ranks(_fsdp_step, world, tmp=tmp_path)):
-        assert (got["params"], got["grads"], got["optim"]) == (est.params, est.grads, est.optim)
-        assert got["acts"] == pytest.approx(est.activations, rel=0.10)
-        assert got["all-gather"] == pytest.approx(est.comm["FSDP all-gather"], rel=0.10)
-        assert got["reduce-scatter"] == pytest.approx(est.comm["FSDP reduce-scatter"], rel=0.10)
+LAYOUTS = [Layout(dp_shard=4), Layout(tp=2, dp_shard=2), Layout(pp=2, dp_shard=2), Layout(cp=2, dp_shard=2),
+           Layout(tp=4), Layout(dp_shard=4, activation_checkpointing=True),
+           Layout(tp=2, dp_shard=2, activation_checkpointing=True)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.name.replace(" ", ""))
+def test_estimate_matches_what_four_ranks_hold_and_send(tmp_path, layout):
+    """Held bytes exactly; activations and bytes sent (in total, and FSDP's per collective) within 10%."""
+    cfg = LlamaConfig.from_name("tiny-mha" if layout.tp == 4 else "tiny-gqa", n_layers=4)  # tp 4: 4 kv heads
+    est = estimate(cfg, layout, BATCH, SEQ)
+    got = ok(run_ranks(_measure, 4, cfg, layout, tmp=tmp_path))[0]  # rank 0: the first pipeline stage
+    assert (got["params"], got["grads"], got["optim"]) == (est.params, est.grads, est.optim)
+    assert got["activations"] == pytest.approx(est.activations, rel=0.10)
+    assert sum(got["sent"].values()) == pytest.approx(sum(est.comm.values()), rel=0.10)
+    if layout.tp == 1:  # then every all-gather and reduce-scatter is FSDP's
+        assert got["sent"]["all-gather"] == pytest.approx(est.comm["FSDP all-gather"], rel=0.10)
+        assert got["sent"]["reduce-scatter"] == pytest.approx(est.comm["FSDP reduce-scatter"], rel=0.10)
+    for kind, name in (("send/recv", "PP send/recv"), ("send/recv", "CP ring k/v")):
+        if name in est.comm:
+            assert got["sent"][kind] == pytest.approx(est.comm[name], rel=0.10)
 
 
 def test_bad_layout_is_one_clear_error():

@@ -6,38 +6,44 @@ Everything below is arithmetic on the tensor shapes: no process group, no model 
 
 Memory per rank (AdamW, fp32 master weights, P = number of parameters; the tp-split share is P_tp, the rest P_rep):
 
-    parameters   (P_rep + P_tp / tp) / pp / dp_shard  x 4 bytes     FSDP shards what TP left, PP keeps its layers
-    gradients    the same                                           (FSDP2 keeps only the reduce-scattered slice)
-    AdamW        2 x the same (exp_avg, exp_avg_sq; the step count is a 0-d tensor, counted too)
+    parameters   (P_rep + P_tp / tp) / pp / (dp_shard x cp)  x 4 bytes  FSDP shards what TP left (over the cp
+    gradients    the same                                   ranks too), PP keeps its layers; FSDP2 keeps only
+    AdamW        2 x the same + 4 bytes per tensor          the reduce-scattered slice of each gradient; AdamW's
+                                                            exp_avg, exp_avg_sq and a float32 step count
 
-Activations saved for backward, per block, per token (measured op by op with saved_tensors_hooks, see
+Activations saved for backward, per block, per token (found op by op with saved_tensors_hooks, see
 ``block_activation_elements``; e = bytes of the compute dtype):
 
-    2 RMSNorms      2 x (3 x dim + 1)       input, x * rsqrt, the normalized output, and the rsqrt (one per token)
-    attention       3 x n_heads x head_dim  rotated q, SDPA output, wo's input (a copy: transpose + flatten)
+    2 RMSNorms      2 x (3 x dim + 1)       input (the residual stream), x * rsqrt, the normalized output (what
+                                            the projections read), and the rsqrt (one number per token)
+    attention       2 x n_heads x head_dim  rotated q, SDPA output (wo reads the same storage)
                   + 2 x n_kv x head_dim     rotated k, v
                   + n_heads                 SDPA's log-sum-exp
     SwiGLU          4 x hidden_dim          w1 out (silu's input), silu out, w3 out, their product (w2's input)
 
-    per rank: b x T x (that) x e x layers/pp, with b = batch / dp_shard rows and T = seq_len / cp tokens; the
-    head adds the final norm (3 x dim + 1), the float32 log-softmax (vocab) and the targets, per token, on the last
-    stage. With activation checkpointing a block keeps only its input (dim per token) plus, during its backward, one
-    block's worth. Tensor parallel divides the head-, hidden- and vocab-sized terms by tp (and the norms' by tp:
-    sequence parallel) but each sub-layer keeps its all-gathered (T, dim) input whole: not measured here yet.
+    per rank: (that) x b x T x e x layers/pp, b = batch / dp_shard rows, T = seq_len / cp tokens (padded to 2 x cp
+    ring chunks). The last stage adds the final norm, the float32 log-softmax (vocab) and the int64 targets.
+    Tensor parallel (with sequence parallel): the attention and SwiGLU terms / tp (this rank's heads and columns),
+    each norm's (2 x dim + 1) / tp (its slice of the sequence), but its normalized output dim stays whole: the
+    projections keep the all-gathered (T, dim) input. Activation checkpointing: a block keeps only its input
+    (dim per token, / tp); while its backward runs one block's worth is recomputed and dropped (transient: not in
+    the estimate).
 
-Communication per step, bytes SENT per rank (ring algorithms: a rank sends (n-1)/n of the full tensor):
+Communication per step, bytes SENT per rank (ring algorithms: a rank sends (n-1)/n of the full tensor, twice that
+for an all-reduce):
 
-    FSDP     all-gather  (n-1)/n x (2 x P_blocks + P_root) x e    each block gathered in forward AND in backward
-                                                                   (reshard_after_forward); the root once
-             reduce-scatter (n-1)/n x P x 4                        the gradients, once, in fp32 (reduce_dtype)
-    TP (SP)  4 per block + 2 per head, forward, the same again backward (a gather's backward is a scatter):
-             8 x layers + 4 collectives x (t-1)/t x b x T x dim x e
-    PP       per micro-batch each boundary sends h (b_m, T, dim) forward and its gradient back:
-             2 x b x T x dim x e per rank on an inner boundary (first/last stage: one direction each way)
-    CP       ring: each of cp-1 steps sends this rank's k, v block: forward 2 x (cp-1) x b x T x n_kv x head_dim x e,
-             backward the same k, v again plus their gradients dk, dv: 4 x (cp-1) x ...
-             + the gradients averaged over the cp ranks: all-reduce 2 x (cp-1)/cp x (held params) x 4
-    DDP      all-reduce (2 x (n-1)/n x P x 4) (not a layout of the mesh, for comparison)
+    FSDP     all-gather  (n-1)/n x (2 x P_blocks + P_root) x e  each block gathered in forward AND backward
+                                                                (reshard_after_forward); the root once; a
+                                                                pipeline stage: everything once
+             reduce-scatter (n-1)/n x P x 4                     the gradients, once, in fp32 (reduce_dtype)
+             (n = dp_shard x cp; P the parameters this tp rank / pp stage holds)
+    TP (SP)  forward: 2 all-gathers + 2 reduce-scatters per block, 1 + 1 for the embedding and the head;
+             backward: 2 all-gathers + 5 all-reduces per block, 1 + 1 (see ``estimate``); with activation
+             checkpointing the forward's 4 again: (16 [+4] x layers + 4) x (t-1)/t x b x T x dim x e
+    PP       each boundary sends h (b, T, dim) forward and its gradient back: b x T x dim x e per step from
+             the first stage (and the gradient from the last), twice that from an inner stage
+    CP       ring, per layer: k, v to the next rank at cp-1 steps forward and again backward, their gradients
+             dk, dv (fp32) at cp steps: (2 x (cp-1) x e + cp x 4) x 2 x b x T x n_kv x head_dim
 """
 from __future__ import annotations
 
@@ -95,13 +101,19 @@ def root_params(cfg: LlamaConfig) -> tuple[int, int]:
     return emb * (1 if cfg.tie_embeddings else 2), cfg.dim
 
 
-def block_activation_elements(cfg: LlamaConfig, tp: int = 1) -> int:
+def norm_activation_elements(cfg: LlamaConfig, tp: int = 1) -> float:
+    """One RMSNorm, per token: its input, x * rsqrt and the rsqrt on this rank's slice of the sequence (all of it
+    without tp), and the normalized output the next projection reads: all-gathered, whole, under sequence
+    parallel."""
+    return (2 * cfg.dim + 1) / tp + cfg.dim
+
+
+def block_activation_elements(cfg: LlamaConfig, tp: int = 1) -> float:
     """Elements saved for backward by one block, per token (the docstring of this module derives each term)."""
     hd = cfg.head_dim
-    norms = 2 * (3 * cfg.dim + 1)
-    attention = 3 * cfg.n_heads * hd + 2 * cfg.n_kv_heads * hd + cfg.n_heads
-    ffn = 4 * cfg.hidden_dim
-    return (norms + attention + ffn) // tp if tp > 1 else norms + attention + ffn
+    attention = 2 * cfg.n_heads * hd + 2 * cfg.n_kv_heads * hd + cfg.n_heads  # this rank's heads: / tp
+    ffn = 4 * cfg.hidden_dim  # this rank's columns: / tp
+    return 2 * norm_activation_elements(cfg, tp) + (attention + ffn) / tp
 
 
 def estimate(cfg: LlamaConfig, layout: Layout, batch: int, seq_len: int, dtype: torch.dtype = torch.float32) -> Estimate:
@@ -112,6 +124,7 @@ def estimate(cfg: LlamaConfig, layout: Layout, batch: int, seq_len: int, dtype: 
         raise ValueError(f"batch {batch} does not split over dp_shard={layout.dp_shard} ranks: use a multiple of it")
     e = torch.empty((), dtype=dtype).element_size()
     pp, n, cp, tp = layout.pp, layout.dp_shard, layout.cp, layout.tp
+    fsdp = n * cp  # FSDP shards over the cp ranks too: a ring's ranks hold the same weights
     layers = cfg.n_layers // pp
     b_split, b_rep = block_params(cfg)
     r_split, r_rep = root_params(cfg)
@@ -120,29 +133,41 @@ def estimate(cfg: LlamaConfig, layout: Layout, batch: int, seq_len: int, dtype: 
         root, root_tensors = r_split // tp + r_rep, 2 if cfg.tie_embeddings else 3
     else:  # rank 0, the first stage, is what we report: it has the embedding; the last stage has norm + head
         root, root_tensors = cfg.vocab_size * cfg.dim // tp, 1
-    held = (layers * per_block + root) // n  # elements of this rank's shards
+    held = (layers * per_block + root) // fsdp  # elements of this rank's shards
     params = held * 4
-    b, t = batch // n, seq_len // cp
+    b = batch // n
+    t = seq_len if cp == 1 else -(-seq_len // (2 * cp)) * 2  # ring chunks: padded to 2 x cp equal chunks
     tokens = b * t
     if layout.activation_checkpointing:
-        acts = layers * tokens * cfg.dim * e + tokens * block_activation_elements(cfg, tp) * e
+        acts = layers * tokens * cfg.dim * e // tp  # (+ one block's worth, transient, while it is recomputed)
     else:
-        acts = layers * tokens * block_activation_elements(cfg, tp) * e
+        acts = int(layers * tokens * block_activation_elements(cfg, tp) * e)
     if pp == 1:  # the head (on the last stage): final norm, float32 log-softmax, int64 targets and tokens
-        acts += tokens * (3 * cfg.dim + 1) * e // tp + tokens * cfg.vocab_size * 4 // tp + tokens * 8 * 2
+        acts += int(tokens * norm_activation_elements(cfg, tp) * e) + tokens * cfg.vocab_size * 4 // tp + tokens * 16
     acts += seq_len * cfg.head_dim * 4  # the RoPE table slice the blocks share
     comm = {}
-    if n > 1:
-        gathered = (2 * layers * per_block + root) * e
-        comm["FSDP all-gather"] = gathered * (n - 1) // n
-        comm["FSDP reduce-scatter"] = (layers * per_block + root) * 4 * (n - 1) // n
+    if fsdp > 1:
+        # blocks: gathered for forward, freed, gathered again for backward; the root stays gathered in between.
+        # A pipeline stage keeps its weights gathered from forward to backward (reshard_after_forward=False: a
+        # block runs once per micro-batch): one all-gather per step.
+        gathered = (2 * layers * per_block + root) * e if pp == 1 else (layers * per_block + root) * e
+        comm["FSDP all-gather"] = gathered * (fsdp - 1) // fsdp
+        comm["FSDP reduce-scatter"] = (layers * per_block + root) * 4 * (fsdp - 1) // fsdp
     if tp > 1:
-        comm["TP all-gather + reduce-scatter"] = (8 * layers + 4) * tokens * cfg.dim * e * (tp - 1) // tp
+        # in units of one (b, T, dim) activation S, a ring collective sending (tp-1)/tp x S (an all-reduce twice):
+        # per block 2 all-gathers + 2 reduce-scatters forward; backward 2 all-gathers (of the reduce-scatters) and
+        # 5 all-reduces: wq, wk, wv, w1, w3 each sum their input's gradient (their shared input is a plain tensor
+        # after PrepareModuleInput(use_local_output=True), so the partial sums are not combined first)
+        # = 16 per block; the embedding and the head 4; the norms' weight gradients and loss_parallel's
+        # per-token statistics (max, sum, target logit, ...: 4 all-reduces of (b, T) floats) are small.
+        units = (16 + (4 if layout.activation_checkpointing else 0)) * layers + 4  # AC: forward's 4 again
+        small = 2 * (2 * (2 * layers + 1) * cfg.dim * 4 + 4 * tokens * 4)
+        comm["TP collectives"] = (units * tokens * cfg.dim * e + small) * (tp - 1) // tp
     if pp > 1:
-        comm["PP send/recv"] = 2 * tokens * cfg.dim * e  # forward h out, its gradient back in (a boundary stage)
+        comm["PP send/recv"] = tokens * cfg.dim * e  # rank 0, the first stage, sends h; inner stages send 2 x
     if cp > 1:
-        comm["CP ring k/v"] = 6 * (cp - 1) * b * t * cfg.n_kv_heads * cfg.head_dim * e * layers
-        comm["CP gradient all-reduce"] = 2 * (cp - 1) * held * 4 // cp  # the cp ranks saw other tokens
+        block = 2 * b * t * cfg.n_kv_heads * cfg.head_dim  # elements of one (k, v) message
+        comm["CP ring k/v"] = ((cp - 1) * 2 * e + cp * 4) * block * layers
     step_counts = 4 * (9 * layers + root_tensors)  # AdamW's "step": one float32 scalar per parameter tensor
     return Estimate(params=params, grads=params, optim=2 * params + step_counts, activations=acts, comm=comm)
 

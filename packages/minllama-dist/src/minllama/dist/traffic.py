@@ -3,7 +3,7 @@
 Two doors lead to the wire, and both are watched while a ``CountedTraffic`` block runs:
 
     torch.distributed.<fn>          what FSDP2 (all_gather_single, reduce_scatter_single), the pipeline schedules
-                                    (batch_isend_irecv), the ring of context parallel and DDP-style
+                                    (isend in a P2POp), the ring of context parallel and DDP-style
                                     all-reduces call: the functions are wrapped (and restored on exit)
     torch.ops._c10d_functional.*    what DTensor's redistributions (tensor parallel) dispatch: seen by a
                                     TorchDispatchMode, the same mechanism as PyTorch's CommDebugMode
@@ -20,6 +20,7 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -51,9 +52,6 @@ class CountedTraffic(TorchDispatchMode):
             "reduce_scatter_tensor": ("reduce-scatter", scattered),
             "all_reduce": ("all-reduce", lambda a: 2 * ring(a["tensor"], a.get("group"))),
             "send": ("send/recv", lambda a: _nbytes(a["tensor"])),
-            # isend itself stays unwrapped: P2POp accepts only the original function (and compares by identity)
-            "batch_isend_irecv": ("send/recv", lambda a: sum(_nbytes(op.tensor) for op in a["p2p_op_list"]
-                                                             if op.op is dist.isend)),
         }
 
     def __enter__(self):
@@ -69,16 +67,30 @@ class CountedTraffic(TorchDispatchMode):
                 return _original(*args, **kwargs)
 
             setattr(dist, name, counted)
+        # isend stays unwrapped (a P2POp accepts only the original function, compared by identity): the
+        # point-to-point sends of the pipeline schedules and of the ring are counted when their P2POp is made
+        self._p2p_init = dist.P2POp.__init__
+
+        @functools.wraps(self._p2p_init)
+        def p2p_init(op_self, op, tensor, *args, **kwargs):
+            if op is dist.isend:
+                self.sent["send/recv"] += _nbytes(tensor)
+            self._p2p_init(op_self, op, tensor, *args, **kwargs)
+
+        dist.P2POp.__init__ = p2p_init
         return super().__enter__()
 
     def __exit__(self, *exc):
         for name, original in self._saved.items():
             setattr(dist, name, original)
+        dist.P2POp.__init__ = self._p2p_init
         return super().__exit__(*exc)
 
     # ---- DTensor's functional collectives
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # let DTensor run first: it turns into the plain collectives counted below
         name = func._overloadpacket.__name__ if func.namespace == "_c10d_functional" else None
         if name == "all_gather_into_tensor":  # (input, group_size, group_name): out = group_size x input
             n = args[1]
