@@ -4,7 +4,7 @@
     activations  bytes of the unique storages autograd saved for backward (``saved_tensors_hooks``), weights
                excluded, read after the step: FSDP2's gathered weights are saved too, but it frees their storage
                when it reshards, so they count 0. Pipelines run GPipe here, so that the sum over micro-batches is
-               also what is held at once.
+               also what is held at once. One warm-up step runs first, unmeasured.
     sent       bytes this rank sent, by kind of collective (``traffic.CountedTraffic``)
 
 Every rank calls ``measure_step`` with the same arguments inside an initialized process group of
@@ -14,6 +14,7 @@ Every rank calls ``measure_step`` with the same arguments inside an initialized 
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 import torch.distributed as dist
@@ -85,29 +86,35 @@ def measure_step(cfg: LlamaConfig, layout: Layout, batch: int, seq_len: int, mic
         full.init_weights()
         pipe = build_pipeline(full, pipeline_mesh(device, layout.pp), device, "gpipe", microbatches, ac)
         model = pipe.model
-        pipeline_forward_backward(pipe, tokens)  # warm-up: the first step also infers the stages' shapes
-        model.zero_grad(set_to_none=True)
-        with traffic, saved:
-            pipeline_forward_backward(pipe, tokens)
+        step = lambda: pipeline_forward_backward(pipe, tokens)  # noqa: E731
     elif layout.cp > 1:
         model = meta_model(cfg)
         group, _, _ = context_parallel_groups(layout.cp)
         cp = apply_context_parallel(model, group)
         apply_fsdp(model, data_parallel_mesh(device), activation_checkpointing=ac)
         materialize(model, device)
-        with traffic, saved, cp.sequence(seq_len):
-            context_parallel_loss(model, cp, tokens).backward()
+
+        def step():
+            with cp.sequence(seq_len):
+                context_parallel_loss(model, cp, tokens).backward()
     else:
         model = meta_model(cfg)
         parallelize_llama(model, build_mesh(plan_mesh(world, tp=layout.tp), "cpu"), activation_checkpointing=ac)
         materialize(model, device)
-        # vocabulary-sharded logits: the loss and its backward run inside loss_parallel (parallelize.tp_lm_loss)
-        with traffic, saved, loss_parallel() if layout.tp > 1 else contextlib.nullcontext():
-            lm_loss(model(tokens[:, :-1]), tokens).backward()
+
+        def step():  # vocabulary-sharded logits: the loss and its backward inside loss_parallel (tp_lm_loss)
+            with loss_parallel() if layout.tp > 1 else contextlib.nullcontext():
+                lm_loss(model(tokens[:, :-1]), tokens).backward()
+    step()  # warm-up: lazy initialization (FSDP), the pipeline's shape inference, DTensor's sharding caches
+    model.zero_grad(set_to_none=True)
+    started = time.perf_counter()
+    with traffic, saved:
+        step()
+    step_s = time.perf_counter() - started  # the measured forward + backward
     params = list(model.parameters())
     grads = local_bytes(p.grad for p in params if p.grad is not None)
     optimizer = torch.optim.AdamW(params)
     optimizer.step()
     optim = local_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
     return {"params": local_bytes(params), "grads": grads, "optim": optim, "activations": saved.bytes(model),
-            "sent": dict(traffic.sent)}
+            "sent": dict(traffic.sent), "step_s": step_s}
