@@ -65,6 +65,15 @@ def test_bad_layout_is_one_clear_error():
         estimate(cfg, Layout(dp_shard=2), 3, SEQ)
 
 
+def _measure_tp_and_pp(rank, world):
+    return measure_step(LlamaConfig.from_name("tiny-gqa", n_layers=4), Layout(pp=2, tp=2), BATCH, SEQ)
+
+
+def test_measuring_a_layout_this_version_cannot_build_is_one_clear_error(tmp_path):
+    got = run_ranks(_measure_tp_and_pp, 4, tmp=tmp_path)[0]
+    assert got["type"] == "ValueError" and "not with each other" in got["error"]
+
+
 def test_cli_prints_layouts_that_fit(capsys):
     main(["--config", "tiny-gqa", "--world", "4", "--batch", "4", "--seq-len", "32"])
     out = capsys.readouterr().out
