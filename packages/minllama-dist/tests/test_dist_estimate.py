@@ -7,7 +7,7 @@ from dist_helpers import ok, run_ranks
 
 from minllama.core import LlamaConfig, MinimalLlama
 from minllama.dist import lm_loss
-from minllama.dist.estimate import Layout, estimate, main
+from minllama.dist.estimate import Layout, estimate, main, table
 from minllama.dist.measure import SavedActivations, measure_step
 
 BATCH, SEQ = 4, 32
@@ -63,6 +63,15 @@ def test_bad_layout_is_one_clear_error():
         estimate(cfg, Layout(tp=3), BATCH, SEQ)
     with pytest.raises(ValueError, match="batch 3 does not split over dp_shard=2"):
         estimate(cfg, Layout(dp_shard=2), 3, SEQ)
+
+
+def test_a_budget_nothing_fits_names_the_smallest_need(capsys):
+    cfg = LlamaConfig.from_name("tiny-gqa")
+    with pytest.raises(ValueError, match=r"fits 0.00 GiB per rank: the smallest needs 0.\d+ GiB"):
+        table(cfg, world=4, batch=4, seq_len=SEQ, budget=1024)
+    with pytest.raises(SystemExit):
+        main(["--config", "tiny-gqa", "--world", "0"])
+    assert "--world 0" in capsys.readouterr().err
 
 
 def _measure_tp_and_pp(rank, world):

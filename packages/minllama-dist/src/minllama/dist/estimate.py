@@ -192,11 +192,17 @@ def layouts(world: int, cfg: LlamaConfig, seq_len: int, batch: int) -> list[Layo
 def table(cfg: LlamaConfig, world: int, batch: int, seq_len: int, budget: float | None = None,
           dtype: torch.dtype = torch.float32) -> str:
     """The layouts that fit ``budget`` bytes per rank (all when None), smallest communication first."""
-    rows = []
-    for layout in layouts(world, cfg, seq_len, batch):
-        est = estimate(cfg, layout, batch, seq_len, dtype)
-        if budget is None or est.memory <= budget:
-            rows.append((sum(est.comm.values()), layout, est))
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"--world {world!r}: the number of ranks is a whole number >= 1")
+    every = [(layout, estimate(cfg, layout, batch, seq_len, dtype)) for layout in layouts(world, cfg, seq_len, batch)]
+    if not every:
+        raise ValueError(f"no (pp, dp_shard, cp, tp) grid of {world} ranks splits this model and a batch of {batch}: "
+                         f"make the batch a multiple of a divisor of {world} (or of {world} itself)")
+    rows = [(sum(est.comm.values()), layout, est) for layout, est in every if budget is None or est.memory <= budget]
+    if not rows:
+        least = min(est.memory for _, est in every)
+        raise ValueError(f"no layout of {world} ranks fits {budget / 2**30:.2f} GiB per rank: the smallest needs "
+                         f"{least / 2**30:.2f} GiB; raise the budget, add ranks, or shrink the batch or sequence")
     mib = lambda x: f"{x / 2**20:10.1f}"  # noqa: E731
     lines = [f"{'layout':<32}{'params':>10}{'grads':>10}{'AdamW':>10}{'activ.':>10}{'total':>10}{'sent/step':>11}"
              "  (MiB per rank)"]
@@ -215,9 +221,12 @@ def main(argv=None) -> None:
     p.add_argument("--budget-gib", type=float, default=None, help="show only layouts that fit this per rank")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the compute dtype")
     args = p.parse_args(argv)
-    cfg = LlamaConfig.from_name(args.config)
-    budget = args.budget_gib * 2**30 if args.budget_gib else None
-    print(table(cfg, args.world, args.batch, args.seq_len, budget, getattr(torch, args.dtype)))
+    try:
+        cfg = LlamaConfig.from_name(args.config)
+        budget = args.budget_gib * 2**30 if args.budget_gib else None
+        print(table(cfg, args.world, args.batch, args.seq_len, budget, getattr(torch, args.dtype)))
+    except (KeyError, ValueError) as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":
