@@ -2,12 +2,21 @@
 
     uv run apps/bench_dist.py                 # 2 ranks on this machine: GPUs (NCCL) if there are 2, else CPU (gloo)
     uv run apps/bench_dist.py --dim 1024 --layers 12 --nproc 4
+    uv run apps/bench_dist.py --layouts          # 4 CPU ranks: FSDP 4, TP 2 x FSDP 2, PP 2 x FSDP 2, CP 2 x FSDP 2,
+                                                 # TP 4, each measured next to minllama.dist.estimate's prediction
+    uv run apps/bench_dist.py --layouts --quick  # the same on a tiny model (seconds: the smoke test)
 
 Each configuration runs in fresh processes (so the peak memory of one cannot hide in another's) and reports, per
 rank: bytes of parameters, gradients and optimizer state actually held, the peak memory over the warm-up steps
 (CUDA: the allocator's peak; CPU: the peak resident set size above the size before the model was built, freed
 memory returned to the OS at once) and the median step time. A shared machine makes the times noisy: the load
 average is printed before and after.
+
+``--layouts`` compares the layouts of the (pp, dp_shard, cp, tp) mesh instead, on 4 gloo ranks, each in fresh
+processes: per rank 0 (the first pipeline stage) the bytes of parameters + gradients + AdamW state held, the
+activations saved for backward (unique storages, ``saved_tensors_hooks``), the bytes sent in one step (every
+c10d and DTensor collective counted, ``minllama.dist.traffic``), the peak resident memory above the baseline and
+the time of the measured forward + backward (counting hooks included), each next to the estimator's prediction.
 """
 from __future__ import annotations
 
@@ -25,7 +34,9 @@ import torch.multiprocessing as mp
 
 from minllama.core import LlamaConfig, MinimalLlama
 from minllama.dist import apply_fsdp, data_parallel_mesh, init_distributed, lm_loss, materialize, meta_model
+from minllama.dist.estimate import Layout, estimate
 from minllama.dist.launch import free_port
+from minllama.dist.measure import measure_step
 
 MODES = {
     "unsharded (DDP)": None,
@@ -121,6 +132,59 @@ def worker(rank: int, world: int, port: int, mode: str, args, out: str) -> None:
     dist.destroy_process_group()
 
 
+LAYOUTS = [Layout(dp_shard=4), Layout(tp=2, dp_shard=2), Layout(pp=2, dp_shard=2), Layout(cp=2, dp_shard=2),
+           Layout(tp=4)]
+
+
+def layout_config(args) -> LlamaConfig:
+    """The model of the layout table: heads of 64 channels (quick: 16), kv heads = query heads / 2, at least 4 so
+    that TP 4 splits them."""
+    hd = 16 if args.quick else 64
+    heads = args.dim // hd
+    return LlamaConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=heads,
+                       n_kv_heads=max(4, heads // 2), hidden_dim=int(args.dim * 8 / 3) // 64 * 64,
+                       max_seq_len=args.seq)
+
+
+def layout_worker(rank: int, world: int, port: int, layout: Layout, args, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), MINLLAMA_DEVICE="cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo")
+    set_mmap_threshold(64 * 1024)
+    warm_up_libraries(torch.device("cpu"))
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = measure_step(layout_config(args), layout, args.batch * layout.dp_shard, args.seq)
+    result["peak"] = peak_memory(torch.device("cpu"), baseline)
+    torch.save(result, Path(out) / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def compare_layouts(args) -> None:
+    """One table: every layout of LAYOUTS on 4 fresh ranks, measured | estimated | ratio."""
+    cfg = layout_config(args)
+    mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
+    print(f"model: {meta_model(cfg).num_params() / 1e6:.2f}M parameters (dim {cfg.dim}, {cfg.n_layers} layers, "
+          f"{cfg.n_heads} heads / {cfg.n_kv_heads} kv, vocab {cfg.vocab_size}), 4 CPU ranks (gloo), "
+          f"{args.batch}x{args.seq} tokens per data-parallel rank, fp32, AdamW; rank 0; MiB measured / estimated "
+          f"(ratio)")
+    print(f"{'layout':<18}{'params+grads+AdamW':>26}{'activations':>26}{'sent per step':>26}{'peak MiB':>10}"
+          f"{'step s':>8}")
+    cell = lambda got, est: f"{mib(got)} / {mib(est)} ({got / est:.2f})"  # noqa: E731
+    for layout in LAYOUTS:
+        with tempfile.TemporaryDirectory() as out:
+            mp.start_processes(layout_worker, args=(4, free_port(), layout, args, out), nprocs=4,
+                               start_method="fork")
+            results = [torch.load(Path(out) / f"{r}.pt", weights_only=True) for r in range(4)]
+        got, est = results[0], estimate(cfg, layout, args.batch * layout.dp_shard, args.seq)
+        held = got["params"] + got["grads"] + got["optim"]
+        print(f"{layout.name:<18}{cell(held, est.params + est.grads + est.optim):>26}"
+              f"{cell(got['activations'], est.activations):>26}"
+              f"{cell(sum(got['sent'].values()), sum(est.comm.values())):>26}{mib(got['peak']):>10}"
+              f"{max(r['step_s'] for r in results):>8.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=2)
@@ -132,7 +196,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="CPU threads per rank (0: PyTorch's default)")
+    p.add_argument("--layouts", action="store_true", help="compare the mesh layouts on 4 CPU ranks (see above)")
+    p.add_argument("--quick", action="store_true", help="with --layouts: a tiny model (dim 64, 2 layers)")
     args = p.parse_args()
+    if args.layouts:
+        if args.quick:
+            args.dim, args.layers, args.vocab, args.seq = 64, 2, 256, 32
+        if args.layers % 2:
+            p.error("--layers must be even with --layouts (PP 2 splits them into two stages)")
+        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+        compare_layouts(args)
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return
     if args.dim % 128:
         p.error("--dim must be a multiple of 128 (heads of 64 channels, 2 query heads per kv head)")
     if args.warmup < 1 or args.steps < 1:
