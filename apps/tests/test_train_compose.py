@@ -1,28 +1,17 @@
 """apps/train.py with two of its splits composed, on 4 CPU ranks, against one process on the same data:
 --pp 2 --tp 2 (each pipeline stage tensor parallel) and --cp 2 --tp 2 (rings of 2, each rank tensor parallel
 over its ring share); and --pp with --cp, which is refused in one clear line."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from train_helpers import losses, train
+
 APPS = Path(__file__).parents[1]
 SMALL = ["--steps", "4", "--ckpt-every", "4", "--sample-every", "0", "--seq-len", "32", "--batch-size", "4"]
-ENV = {**os.environ, "MINLLAMA_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
 # another layout sums in another order: 1e-7 at first, and AdamW makes more of it (see test_train_pp.py)
 LAYOUT_TOLERANCE = 1e-5
 
-
-def train(*args, ranks: int = 1) -> subprocess.CompletedProcess:
-    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
-    return subprocess.run([sys.executable, *launcher, str(APPS / "train.py"), *args], capture_output=True,
-                          text=True, timeout=300, cwd=APPS.parent, env=ENV)
-
-
-def losses(out: Path) -> list[float]:
-    return [float(line.split(",")[1]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
 
 
 @pytest.fixture(scope="module")
