@@ -1,13 +1,11 @@
 """apps/train.py with two of its splits composed, on 4 CPU ranks, against one process on the same data:
 --pp 2 --tp 2 (each pipeline stage tensor parallel) and --cp 2 --tp 2 (rings of 2, each rank tensor parallel
 over its ring share); and --pp with --cp, which is refused in one clear line."""
-from pathlib import Path
 
 import pytest
 
 from train_helpers import losses, train
 
-APPS = Path(__file__).parents[1]
 SMALL = ["--steps", "4", "--ckpt-every", "4", "--sample-every", "0", "--seq-len", "32", "--batch-size", "4"]
 # another layout sums in another order: 1e-7 at first, and AdamW makes more of it (see test_train_pp.py)
 LAYOUT_TOLERANCE = 1e-5
