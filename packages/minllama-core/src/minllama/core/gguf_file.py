@@ -27,7 +27,6 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import gguf
@@ -230,10 +229,10 @@ def dequantize_blocks(raw: Tensor, qtype: str, dtype: torch.dtype = torch.float3
     return w.view(N, -1).to(dtype)
 
 
-def to_torch(t: GGUFTensor, dtype: torch.dtype = torch.float32, chunk: int = 1 << 20) -> Tensor:
+def to_torch(t: GGUFTensor, dtype: torch.dtype = torch.float32, chunk: int = 1 << 22) -> Tensor:
     """A GGUF tensor as a new PyTorch tensor in ``dtype``, in PyTorch's shape (dims reversed); never a view of the
     file, so the file can be closed (or replaced) afterwards. Blocks are dequantized ``chunk`` weights at a time
-    into the result, so the float32 temporaries stay a few MB even for a 100 MB embedding (peak memory of loading
+    into the result, so the float32 temporaries stay 16 MB even for a 100 MB embedding (peak memory of loading
     is the model, not the model plus its largest tensor twice)."""
     shape = tuple(reversed(t.shape))
     name = t.tensor_type.name
@@ -243,18 +242,8 @@ def to_torch(t: GGUFTensor, dtype: torch.dtype = torch.float32, chunk: int = 1 <
         raw = t.raw()  # (N, bytes per row)
         out = torch.empty(raw.shape[0], shape[-1], dtype=dtype)
         rows = max(1, chunk // shape[-1])
-        def convert(i: int) -> None:
+        for i in range(0, raw.shape[0], rows):
             out[i:i + rows] = dequantize_blocks(raw[i:i + rows], t.qtype(), dtype)
-
-        # The chunks go to Python threads (PyTorch releases the GIL inside each op), each op on one thread: on a
-        # busy 2-core CPU, PyTorch's own 2 threads per small op made every op wait for the other (2-8 s, not 0.3).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(max(1, min(threads, os.cpu_count() or 1, 8))) as pool:
-                list(pool.map(convert, range(0, raw.shape[0], rows)))
-        finally:
-            torch.set_num_threads(threads)
         out = out.view(shape)
     else:
         from gguf.quants import dequantize  # K-quants and the rest: numpy, slower
