@@ -36,21 +36,13 @@ from minllama.core import LlamaConfig, MinimalLlama
 from minllama.dist import apply_fsdp, data_parallel_mesh, init_distributed, lm_loss, materialize, meta_model
 from minllama.dist.estimate import Layout, estimate
 from minllama.dist.launch import free_port
-from minllama.dist.measure import measure_step
+from minllama.dist.measure import local_bytes, measure_step
 
 MODES = {
     "unsharded (DDP)": None,
     "FSDP2, no prefetch": {"prefetch": 0},
     "FSDP2, prefetch 1": {"prefetch": 1},
 }
-
-
-def local_bytes(tensors) -> int:
-    total = 0
-    for t in tensors:
-        t = t.to_local() if hasattr(t, "to_local") else t
-        total += t.numel() * t.element_size()
-    return total
 
 
 def peak_memory(device: torch.device, baseline: int) -> int:

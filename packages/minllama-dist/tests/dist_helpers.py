@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from minllama.core import LlamaConfig, MinimalLlama
 from minllama.dist.launch import free_port
@@ -22,6 +23,25 @@ def tiny_model(name: str = "tiny-gqa", seed: int = 0, **overrides) -> MinimalLla
     model = MinimalLlama(LlamaConfig.from_name(name, **overrides))
     model.init_weights()
     return model
+
+
+def as_full(t: torch.Tensor) -> torch.Tensor:
+    """A parameter or gradient as one plain tensor, whatever the layout (DTensor: gathered, a collective)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t.detach().clone()
+
+
+class RecordingAdamW(torch.optim.AdamW):
+    """AdamW that keeps a gathered copy of every gradient it is asked to apply (after clipping), by parameter name:
+    what the distributed tests compare with one process."""
+
+    def __init__(self, model, **kw):
+        self.named = list(model.named_parameters())
+        self.seen: list[dict] = []
+        super().__init__([p for _, p in self.named], **kw)
+
+    def step(self, closure=None):
+        self.seen.append({n: as_full(p.grad) for n, p in self.named})  # full_tensor: a collective
+        return super().step(closure)
 
 
 def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:

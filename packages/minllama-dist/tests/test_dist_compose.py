@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from dist_helpers import ok, run_ranks, tiny_model
+from dist_helpers import RecordingAdamW, ok, run_ranks, tiny_model
 from minllama.dist import (TokenBatches, build_mesh, build_pipeline, load_checkpoint, parallelize_llama,
                            pipeline_train_step, plan_mesh, save_checkpoint, train_step)
 from minllama.dist.context_parallel import apply_context_parallel, context_parallel_loss, cp_train_step
@@ -24,23 +24,6 @@ def batches(position: int = 0) -> TokenBatches:
     g = torch.Generator().manual_seed(1)
     return TokenBatches(torch.randint(0, 256, (4000,), generator=g), seq_len=SEQ, global_batch=BATCH,
                         position=position)
-
-
-def as_full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t.detach().clone()
-
-
-class RecordingAdamW(torch.optim.AdamW):
-    """AdamW that keeps a (gathered) copy of every gradient it applies, by parameter name."""
-
-    def __init__(self, model, **kw):
-        self.named = list(model.named_parameters())
-        self.seen: list[dict] = []
-        super().__init__([p for _, p in self.named], **kw)
-
-    def step(self, closure=None):
-        self.seen.append({n: as_full(p.grad) for n, p in self.named})  # full_tensor: a collective over tp
-        return super().step(closure)
 
 
 def single_process(steps: int = STEPS, clip: float | None = None):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from dist_helpers import ok, run_ranks, tiny_model
+from dist_helpers import RecordingAdamW, as_full, ok, run_ranks, tiny_model
 from minllama.core import LlamaConfig
 from minllama.dist import (TokenBatches, build_pipeline, check_pipeline_args, cut_stage, dcp_to_model,
                            load_checkpoint, pipeline_mesh, pipeline_train_step, save_checkpoint, split_layers,
@@ -24,23 +24,6 @@ VARIANTS = {"gpipe": ("gpipe", None, False), "1f1b": ("1f1b", None, False),  # (
 def batches() -> TokenBatches:
     g = torch.Generator().manual_seed(1)
     return TokenBatches(torch.randint(0, 256, (4000,), generator=g), seq_len=16, global_batch=4)
-
-
-def as_full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-class RecordingAdamW(torch.optim.AdamW):
-    """AdamW that keeps a copy of every gradient it is asked to apply (after clipping), by parameter name."""
-
-    def __init__(self, model, **kw):
-        self.named = list(model.named_parameters())
-        self.seen: list[dict] = []
-        super().__init__([p for _, p in self.named], **kw)
-
-    def step(self, closure=None):
-        self.seen.append({n: as_full(p.grad).clone() for n, p in self.named})  # full_tensor: collective on dp
-        return super().step(closure)
 
 
 def single_process(n_layers: int, steps: int = STEPS, clip: float | None = 1.0):
