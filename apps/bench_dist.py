@@ -129,13 +129,16 @@ LAYOUTS = [Layout(dp_shard=4), Layout(tp=2, dp_shard=2), Layout(pp=2, dp_shard=2
 
 
 def layout_config(args) -> LlamaConfig:
-    """The model of the layout table: heads of 64 channels (quick: 16), kv heads = query heads / 2, at least 4 so
-    that TP 4 splits them."""
+    """The model of the layout table: 4 kv heads (so that TP 4 splits them) and the most query heads of at least
+    64 channels (quick: 16) that are a multiple of 4 and divide --dim (at least 4)."""
     hd = 16 if args.quick else 64
-    heads = args.dim // hd
+    heads = max(4, args.dim // hd // 4 * 4)
+    while heads > 4 and args.dim % heads:
+        heads -= 4
+    if args.dim % heads:
+        raise SystemExit(f"error: --dim {args.dim} does not split into 4 heads: use a multiple of 4")
     return LlamaConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=heads,
-                       n_kv_heads=max(4, heads // 2), hidden_dim=int(args.dim * 8 / 3) // 64 * 64,
-                       max_seq_len=args.seq)
+                       n_kv_heads=4, hidden_dim=int(args.dim * 8 / 3) // 64 * 64, max_seq_len=args.seq)
 
 
 def layout_worker(rank: int, world: int, port: int, layout: Layout, args, out: str) -> None:
