@@ -20,3 +20,14 @@ def test_bench_dist_layouts_measure_next_to_the_estimate():
         ratios = [float(r) for r in re.findall(r"\((\d+\.\d+)\)", row)]
         assert len(ratios) == 3, row  # held, activations, sent
         assert all(0.9 <= r <= 1.1 for r in ratios), (name, row)
+
+
+def test_the_default_layout_model_is_valid_for_every_layout():
+    """The full-size run is not a test (it takes half a minute), but its model must build and split 4 ways: it once
+    asked for 6 heads over 4 kv heads and crashed before measuring anything."""
+    sys.path.insert(0, str(APPS))
+    import bench_dist
+
+    for dim, quick in ((384, False), (64, True), (512, False), (1024, False)):
+        cfg = bench_dist.layout_config(type("Args", (), dict(quick=quick, dim=dim, vocab=4096, layers=12, seq=256)))
+        assert cfg.n_kv_heads == 4 and cfg.n_heads % 4 == 0 and cfg.dim % cfg.n_heads == 0
