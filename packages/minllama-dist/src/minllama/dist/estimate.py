@@ -55,15 +55,13 @@ import torch
 
 from minllama.core import LlamaConfig
 
-from .mesh import plan_mesh
+from .mesh import MeshShape, plan_mesh
 
 
 @dataclass(frozen=True)
-class Layout:
-    pp: int = 1
-    dp_shard: int = 1
-    cp: int = 1
-    tp: int = 1
+class Layout(MeshShape):
+    """A mesh shape, and whether each block's activations are recomputed in backward."""
+
     activation_checkpointing: bool = False
 
     @property
