@@ -393,6 +393,13 @@ def build(args, device="cpu", tp_mesh=None) -> tuple:
     return model, tokenizer, engine
 
 
+def serve_http(app: FastAPI, args, what: str) -> None:
+    """Say where the server listens (tests wait for /health), then serve until Ctrl-C or SIGTERM."""
+    print(f"serving {args.model_name or args.checkpoint} on http://{args.host}:{args.port}/v1, {what}",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def main_tensor_parallel(args) -> int:
     """``--tp N`` under torchrun: every rank loads the model, keeps its slice, and runs its own engine; rank 0
     serves HTTP and keeps the others' engines in lockstep with its own (minllama.dist.serving)."""
@@ -417,10 +424,8 @@ def main_tensor_parallel(args) -> int:
             return 0
         engine = LockstepEngine(engine)
         app = make_app(model, tokenizer, args.model_name or args.checkpoint, engine)
-        print(f"serving {args.model_name or args.checkpoint} on http://{args.host}:{args.port}/v1, tensor parallel "
-              f"over {world} ranks ({engine.cache.pool.n_blocks} KV blocks of {args.block_size} tokens per rank)",
-              file=sys.stderr, flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        serve_http(app, args, f"tensor parallel over {world} ranks ({engine.cache.pool.n_blocks} KV blocks of "
+                              f"{args.block_size} tokens per rank)")
         return 0
     except RuntimeError as e:  # rank 0 gone (a follower's view)
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -435,10 +440,8 @@ def main(argv=None) -> int:
         return main_tensor_parallel(args)
     model, tokenizer, engine = build(args)
     app = make_app(model, tokenizer, args.model_name or args.checkpoint, engine)
-    print(f"serving {args.model_name or args.checkpoint} on http://{args.host}:{args.port}/v1 "
-          f"({engine.cache.pool.n_blocks} KV blocks of {args.block_size} tokens, batch up to {args.max_batch})",
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    serve_http(app, args, f"{engine.cache.pool.n_blocks} KV blocks of {args.block_size} tokens, batch up to "
+                          f"{args.max_batch}")
     return 0
 
 
