@@ -94,15 +94,15 @@ class GGUFFile:
             if key in self.fields:
                 raise ValueError(f"metadata key {key!r} appears twice")
             self.fields[key] = self._value(self._read("I"))
-        self.tensors = [self._tensor_info() for _ in range(n_tensors)]
-        if len({t.name for t in self.tensors}) != len(self.tensors):
+        infos = [self._tensor_info() for _ in range(n_tensors)]  # (name, shape, type, offset in the data, bytes)
+        if len({info[0] for info in infos}) != len(infos):
             raise ValueError("two tensors have the same name")
         self.alignment = self.fields.get("general.alignment", 32)
         if not isinstance(self.alignment, int) or isinstance(self.alignment, bool) or not 0 < self.alignment <= 2**16:
             raise ValueError(f"general.alignment = {self.alignment!r} is not a small positive integer")
         self.data_offset = self.pos + (-self.pos) % self.alignment
-        self.tensors = [GGUFTensor(t.name, t.shape, t.tensor_type, self.data_offset + t.data_offset, t.n_bytes, self)
-                        for t in self.tensors]
+        self.tensors = [GGUFTensor(name, shape, kind, self.data_offset + offset, n_bytes, self)
+                        for name, shape, kind, offset, n_bytes in infos]
 
     # -- the header, field by field
     def _bytes(self, n: int) -> bytes:
@@ -160,7 +160,7 @@ class GGUFFile:
             bad = next(i for i, b in enumerate(out) if not _is_utf8(b))
             raise ValueError(f"string {bad} of the array ending at byte {pos} is not UTF-8") from None
 
-    def _tensor_info(self) -> GGUFTensor:
+    def _tensor_info(self) -> tuple:
         name, n_dims = self._string(), self._read("I")
         if not 1 <= n_dims <= 4:
             raise ValueError(f"tensor {name!r} has {n_dims} dimensions (GGUF allows 1 to 4)")
@@ -175,7 +175,7 @@ class GGUFFile:
             raise ValueError(f"tensor {name!r}: its rows of {shape[0]} are not whole blocks of {block} "
                              f"({tensor_type.name})")
         n_bytes = int(np.prod(shape, dtype=object)) // block * block_bytes
-        return GGUFTensor(name, shape, tensor_type, self._read("Q"), n_bytes, self)
+        return name, shape, tensor_type, self._read("Q"), n_bytes
 
 
 def _is_utf8(b: bytes) -> bool:
