@@ -23,10 +23,10 @@ import torch
 
 from minllama.core.chat_format import chat_format_for
 from minllama.core.checkpoint import load_pretrained
+from minllama.core.dtypes import DTYPE_HELP, DTYPES, resolve_dtype
 from minllama.core.session import ChatSession
 from minllama.extend.streaming import StreamingChat
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # --quantize choice -> (minllama.quant scheme, options). int4: groups of 32 (the grid of SmolLM2's Q4_1 file) and
 # the output head at 8 bits, as llama.cpp does: +0.04% perplexity instead of +7.8% (minllama-quant README, 10)
 QUANT = {"int8": ("int8", {}), "int4": ("int4", {"group_size": 32, "head": "int8"}), "nf4": ("nf4", {}),
@@ -48,6 +48,14 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def model_dtype(args, device: str) -> torch.dtype:
+    """--dtype as a torch dtype. With --quantize on a CPU, "auto" is float32: the CPU's low-bit kernels take fp32
+    activations (minllama-quant's README measures them so)."""
+    if args.quantize and args.dtype == "auto" and device == "cpu":
+        return torch.float32
+    return resolve_dtype(args.dtype, device)
 
 
 def checked(convert, ok, what):
@@ -90,8 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=checked(int, lambda n: 0 <= n < 2**64, "an integer in [0, 2**64)"), default=None,
                    help="random seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (auto: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="weight dtype (auto: bfloat16 on cuda, float32 elsewhere)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
     p.add_argument("--threads", type=checked(int, lambda n: n >= 1, "an integer >= 1"), default=None,
                    help=f"CPU threads (default: torch's, one per core: {torch.get_num_threads()} here). On a busy "
                         "machine fewer can be faster: SmolLM2-135M on 2 cores shared at load 4 decoded 2-25 tok/s "
@@ -253,7 +260,7 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = model_dtype(args, device)
     if sys.stderr.isatty():  # a person is waiting: say what happens (a pipe gets only the results)
         print(f"(loading {args.checkpoint}...)", end="", file=sys.stderr, flush=True)
     started = time.perf_counter()

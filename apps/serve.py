@@ -43,11 +43,12 @@ from pydantic import BaseModel, Field
 
 from minllama.core.chat_format import chat_format_for
 from minllama.core.checkpoint import load_pretrained
+from minllama.core.dtypes import DTYPE_HELP, DTYPES
 from minllama.core.engine import Engine, Request
 from minllama.core.tokenizer import StreamDecoder
 
 sys.path.insert(0, str(Path(__file__).parent))
-from chat import QUANT  # noqa: E402  (the same --quantize choices as the chat)
+from chat import QUANT, model_dtype  # noqa: E402  (the same --quantize choices and dtype rule as the chat)
 
 
 # ------------------------------------------------------------------------------------------- the engine thread
@@ -347,6 +348,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-name", default=None, help="the name clients ask for (default: --checkpoint)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
     p.add_argument("--quantize", choices=list(QUANT), help="quantize the weights after loading (minllama-quant)")
     p.add_argument("--max-batch", type=int, default=16, help="at most this many sequences decode together")
     p.add_argument("--kv-memory", type=float, default=256, help="MiB of KV cache (the paged pool), all layers")
@@ -373,7 +375,7 @@ def build(args, device="cpu", tp_mesh=None) -> tuple:
     """(model, tokenizer, engine) as the options say; with ``tp_mesh``, this rank's tensor-parallel slice."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_pretrained(args.checkpoint, device=device)
+    model, tokenizer = load_pretrained(args.checkpoint, dtype=model_dtype(args, device), device=device)
     if tokenizer is None:
         raise SystemExit(f"error: {args.checkpoint} has no tokenizer: add tokenizer.json or tokenizer.model")
     if tp_mesh is not None:

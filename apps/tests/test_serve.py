@@ -37,7 +37,7 @@ def get(url):
 def server():
     port = free_port()
     proc = subprocess.Popen([sys.executable, APPS / "serve.py", "--port", str(port), "--max-batch", "16",
-                             "--kv-memory", "64"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--kv-memory", "64", "--dtype", "float32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):

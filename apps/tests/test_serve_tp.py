@@ -37,7 +37,7 @@ def checkpoint(tmp_path_factory):
 def start(checkpoint, *launcher, tp=1):
     port = free_port()
     proc = subprocess.Popen([sys.executable, *launcher, str(APPS / "serve.py"), "--checkpoint", checkpoint,
-                             "--port", str(port), "--kv-memory", "4", "--tp", str(tp), "--model-name", "x"], env=ENV,
+                             "--port", str(port), "--kv-memory", "4", "--dtype", "float32", "--tp", str(tp), "--model-name", "x"], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     for _ in range(240):
