@@ -1,11 +1,14 @@
 """Prefill and decode speed of MinimalLlama vs Hugging Face transformers, on the same weights, in one run.
 
-    uv run apps/bench.py                 # SmolLM2-135M-Instruct, fp32, eager and compiled, both implementations
+    uv run apps/bench.py                 # SmolLM2-135M-Instruct, fp32 and bf16, eager and compiled, both implementations
+    uv run apps/bench.py --dtypes float32 # fp32 only
     uv run apps/bench.py --no-compile    # eager only (compiling takes minutes on a small CPU)
     uv run apps/bench.py --no-compile --runs 1 --prompt-len 16 --new-tokens 4    # a smoke run
     uv run apps/bench.py --no-hf --baseline ../old-checkout   # before/after rows: another checkout (its own .venv)
 
-Each measurement runs in its own process so that its peak memory (max RSS on the CPU, max allocated on CUDA) is
+Both dtypes are measured because the best one depends on the CPU (``minllama.core.dtypes``: bf16 is the default
+only where the hardware computes it); a last line shows what bf16 costs in accuracy (perplexity and the greedy
+token against fp32, on the first tokens of the core README). Each measurement runs in its own process so that its peak memory (max RSS on the CPU, max allocated on CUDA) is
 its own. Prefill: one forward over a --prompt-len token prompt. Decode: batch 1, --new-tokens greedy tokens, timed
 from the first generated token to the last (so prefill is not counted). Every configuration is measured --runs
 times, the implementations in turn; the comparison uses each one's best run, and says when the machine looked busy
@@ -25,6 +28,8 @@ import time
 import torch
 
 MODEL = "smollm2-135m-instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def peak_memory_mb(device: str) -> float:
@@ -55,7 +60,7 @@ def bench_ours(args, compile: bool) -> dict:
     from minllama.core.generate import generate_stream
 
     t0 = time.perf_counter()
-    model, _ = load_pretrained(MODEL, dtype=torch.float32, device=args.device)
+    model, _ = load_pretrained(MODEL, dtype=DTYPES[args.dtype], device=args.device)
     load_s = time.perf_counter() - t0
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(args.device)
@@ -85,13 +90,36 @@ def bandwidth_bound(args) -> dict:
     """Decode tok/s if a step did nothing but read each weight matrix once (the matrix-vector products)."""
     from minllama.core.checkpoint import load_pretrained
 
-    model, _ = load_pretrained(MODEL, dtype=torch.float32, device=args.device, with_tokenizer=False)
+    model, _ = load_pretrained(MODEL, dtype=DTYPES[args.dtype], device=args.device, with_tokenizer=False)
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    x = {w.shape[1]: torch.randn(1, w.shape[1], device=args.device) for w in weights}
+    x = {w.shape[1]: torch.randn(1, w.shape[1], device=args.device, dtype=w.dtype) for w in weights}
     with torch.no_grad():
         step = timed(lambda: [torch.nn.functional.linear(x[w.shape[1]], w) for w in weights], args.device, repeat=5)
     gb = sum(w.numel() * w.element_size() for w in weights) / 1e9
     return dict(decode_tok_s=1 / step, gb=gb, gb_s=gb / step)
+
+
+def bf16_cost(args) -> dict:
+    """What computing in bf16 costs against fp32 on real text (the first --cost-tokens tokens of the core README):
+    perplexity in each dtype, how often the two agree on the most likely next token, the largest logit gap."""
+    from pathlib import Path
+
+    from minllama.core.checkpoint import load_pretrained
+
+    readme = Path(__file__).resolve().parents[1] / "packages" / "minllama-core" / "README.md"
+    logits, tokens = {}, None
+    for name in ("float32", "bfloat16"):
+        model, tokenizer = load_pretrained(MODEL, dtype=DTYPES[name], device=args.device)
+        if tokens is None:
+            tokens = torch.tensor([tokenizer.encode(readme.read_text())[:args.cost_tokens]], device=args.device)
+        with torch.no_grad():
+            logits[name] = model(tokens)[0].float()  # (T, vocab)
+        del model
+    target = tokens[0, 1:]
+    ppl = {name: torch.nn.functional.cross_entropy(x[:-1], target).exp().item() for name, x in logits.items()}
+    a, b = logits["float32"], logits["bfloat16"]
+    return dict(tokens=tokens.shape[1], ppl_fp32=ppl["float32"], ppl_bf16=ppl["bfloat16"],
+                top1_agree=(a.argmax(-1) == b.argmax(-1)).float().mean().item(), max_logit_gap=(a - b).abs().max().item())
 
 
 def bench_hf(args, compile: bool) -> dict:
@@ -102,7 +130,7 @@ def bench_hf(args, compile: bool) -> dict:
     path = default_model_path()
     t0 = time.perf_counter()
     model = LlamaForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                             dtype=torch.float32).to(args.device).eval()
+                                             dtype=DTYPES[args.dtype]).to(args.device).eval()
     load_s = time.perf_counter() - t0
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(args.device)
@@ -133,21 +161,25 @@ def worker(args) -> None:
     torch.manual_seed(0)
     fn = bench_ours if impl == "minllama" else bench_hf
     try:
-        result = bandwidth_bound(args) if mode == "bound" else fn(args, compile=mode == "compiled")
+        if mode in ("bound", "cost"):
+            result = bandwidth_bound(args) if mode == "bound" else bf16_cost(args)
+        else:
+            result = fn(args, compile=mode == "compiled")
         result["peak_mb"] = peak_memory_mb(args.device)
     except Exception as e:  # report and go on with the other measurements
         result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
     print("RESULT " + json.dumps(result))
 
 
-def run_worker(args, what: str, checkout: str | None = None) -> dict:
+def run_worker(args, what: str, dtype: str = "float32", checkout: str | None = None) -> dict:
     """Run one measurement in a fresh process (so its peak memory is its own) and return its result; ``checkout``:
     in another checkout of this repository, with its own .venv (the code before a change)."""
     python, script = sys.executable, __file__
     if checkout:
         python, script = os.path.join(checkout, ".venv", "bin", "python"), os.path.join(checkout, "apps", "bench.py")
     cmd = [python, script, "--worker", what, "--prompt-len", str(args.prompt_len),
-           "--new-tokens", str(args.new_tokens), "--device", args.device]
+           "--new-tokens", str(args.new_tokens), "--device", args.device, "--dtype", dtype,
+           "--cost-tokens", str(args.cost_tokens)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
     return json.loads(line[7:]) if line else {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:120]}
@@ -194,47 +226,82 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated in the decode measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where both models run: cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help=f"comma-separated weight/compute dtypes to measure, of {', '.join(DTYPES)}")
     p.add_argument("--runs", type=int, default=3,
                    help="measure each configuration this many times (fresh processes, the implementations in "
                         "turn); the comparison uses each one's best run")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--cost-tokens", type=int, default=1024,
+                   help="tokens of text on which bf16's accuracy is compared with fp32's (0: skip)")
     p.add_argument("--baseline", help="another checkout of this repository (with its .venv): its MinimalLlama is "
                                       "measured in the same run, interleaved, as rows 'minllama@baseline'")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help=argparse.SUPPRESS)  # a worker's
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    dtypes = args.dtypes.split(",")
+    if unknown := [d for d in dtypes if d not in DTYPES]:
+        p.error(f"--dtypes: unknown {', '.join(unknown)}; use {', '.join(DTYPES)}")
+
+    from minllama.core.dtypes import default_dtype
 
     impls = ["minllama"] + (["minllama@baseline"] if args.baseline else []) + ([] if args.no_hf else ["transformers"])
-    configs = [(impl, mode) for mode in (["eager"] if args.no_compile else ["eager", "compiled"]) for impl in impls]
+    modes = [f"{mode} {SHORT[d]}" for d in dtypes for mode in (["eager"] if args.no_compile else ["eager", "compiled"])]
+    configs = [(impl, mode) for mode in modes for impl in impls]
     loads, cores = [os.getloadavg()[0]], os.cpu_count() or 1
-    print(f"{MODEL}, fp32, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"prefill {args.prompt_len} tokens, decode {args.new_tokens} tokens at batch 1; {args.runs} run(s) each; "
-          f"load average {loads[0]:.1f} on {cores} cores")
-    header = f"{'implementation':<17} {'mode':<9} {'run':>3} {'load s':>7} {'prefill tok/s':>14} " \
+    print(f"{MODEL}, {'/'.join(SHORT[d] for d in dtypes)}, {args.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; prefill {args.prompt_len} tokens, decode {args.new_tokens} tokens at "
+          f"batch 1; {args.runs} run(s) each; load average {loads[0]:.1f} on {cores} cores")
+    if args.device == "cpu":
+        from minllama.core.dtypes import cpu_flags
+
+        bf16 = sorted({"avx512_bf16", "amx_bf16"} & (cpu_flags() or set()))
+        print(f"CPU: {torch.backends.cpu.get_cpu_capability()} kernels, bf16 arithmetic: {', '.join(bf16) or 'none'}; "
+              f"the default dtype here (dtype 'auto'): {str(default_dtype('cpu')).removeprefix('torch.')}")
+    header = f"{'implementation':<17} {'mode':<13} {'run':>3} {'load s':>7} {'prefill tok/s':>14} " \
              f"{'decode tok/s':>13} {'peak MB':>8} {'warm-up s':>9}"
     print(header + "\n" + "-" * len(header))
     results: dict = {c: [] for c in configs}
     for run in range(1, max(args.runs, 1) + 1):
         for impl, mode in configs:
             checkout = args.baseline if impl.endswith("@baseline") else None
-            r = run_worker(args, f"{impl.removesuffix('@baseline')}:{mode}", checkout)
+            kind, short = mode.split()
+            dtype = next(d for d in dtypes if SHORT[d] == short)
+            r = run_worker(args, f"{impl.removesuffix('@baseline')}:{kind}", dtype, checkout)
             results[impl, mode].append(r)
             if "error" in r:
-                print(f"{impl:<17} {mode:<9} {run:>3} failed: {r['error']}")
+                print(f"{impl:<17} {mode:<13} {run:>3} failed: {r['error']}")
             else:
-                print(f"{impl:<17} {mode:<9} {run:>3} {r['load_s']:>7.1f} {r['prefill_tok_s']:>14.0f} "
+                print(f"{impl:<17} {mode:<13} {run:>3} {r['load_s']:>7.1f} {r['prefill_tok_s']:>14.0f} "
                       f"{r['decode_tok_s']:>13.1f} {r['peak_mb']:>8.0f} {r['warmup_s']:>9.1f}", flush=True)
         loads.append(os.getloadavg()[0])
-    bound = run_worker(args, "minllama:bound")
-    if "error" not in bound:
-        print(f"memory-bandwidth bound: the {bound['gb']:.2f} GB of weight matrices read once per token at "
-              f"{bound['gb_s']:.1f} GB/s -> at most {bound['decode_tok_s']:.1f} decode tok/s")
-    for mode in ("eager", "compiled"):
+    for dtype in dtypes:
+        bound = run_worker(args, "minllama:bound", dtype)
+        if "error" not in bound:
+            print(f"memory-bandwidth bound, {SHORT[dtype]}: the {bound['gb']:.2f} GB of weight matrices read once per "
+                  f"token at {bound['gb_s']:.1f} GB/s -> at most {bound['decode_tok_s']:.1f} decode tok/s")
+    for mode in modes:
         for other, label in (("minllama@baseline", "the baseline checkout"), ("transformers", "transformers")):
             if line := conclusion(results, mode, other, label):
                 print(line)
+    if len(dtypes) > 1:
+        for kind in ("eager", "compiled"):
+            fp32, bf16 = results.get(("minllama", f"{kind} fp32"), []), results.get(("minllama", f"{kind} bf16"), [])
+            if best(fp32, "decode_tok_s") and best(bf16, "decode_tok_s"):
+                print(f"{kind}: MinimalLlama in bf16 decodes {best(bf16, 'decode_tok_s') / best(fp32, 'decode_tok_s'):.2f}x "
+                      f"and prefills {best(bf16, 'prefill_tok_s') / best(fp32, 'prefill_tok_s'):.2f}x as fast as in fp32")
+    if args.cost_tokens > 0:
+        cost = run_worker(args, "minllama:cost")
+        if "error" in cost:
+            print(f"bf16's accuracy cost: failed: {cost['error']}")
+        else:
+            print(f"bf16's accuracy cost on {cost['tokens']} tokens of text: perplexity {cost['ppl_bf16']:.3f} vs "
+                  f"{cost['ppl_fp32']:.3f} in fp32 ({100 * (cost['ppl_bf16'] / cost['ppl_fp32'] - 1):+.2f}%), the "
+                  f"most likely next token the same at {100 * cost['top1_agree']:.1f}% of positions, largest logit "
+                  f"gap {cost['max_logit_gap']:.3f}")
     if note := busy_note(loads, cores):
         print(note)
 

@@ -60,10 +60,15 @@ def test_chat_help_documents_every_option():
 
 
 def test_bench_runs_and_compares():
-    out = run(APPS / "bench.py", "--no-compile", "--runs", "1", "--prompt-len", "16", "--new-tokens", "4")
+    out = run(APPS / "bench.py", "--no-compile", "--runs", "1", "--prompt-len", "16", "--new-tokens", "4",
+              "--cost-tokens", "64")
     assert out.returncode == 0, out.stderr
     assert "failed" not in out.stdout, out.stdout
     assert "as fast as transformers" in out.stdout and "one run each" in out.stdout
+    assert "eager bf16" in out.stdout and "in bf16 decodes" in out.stdout  # both dtypes, side by side
+    cost = next(line for line in out.stdout.splitlines() if line.startswith("bf16's accuracy cost on 64 tokens"))
+    fp32_ppl = float(cost.split(" vs ")[1].split()[0])
+    assert 1 < fp32_ppl < 100, cost  # SmolLM2 on English prose: a language model's perplexity, not garbage
 
 
 def test_bench_compares_each_sides_best_run_and_says_when_the_machine_was_busy():
