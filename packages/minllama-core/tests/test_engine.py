@@ -119,6 +119,20 @@ def test_a_shared_prefix_is_computed_once():
     assert_drained(engine)
 
 
+def test_requests_that_arrive_together_share_the_prefix_the_first_one_computes():
+    """A burst: all four are admitted before any block is cached. The first one's prefill fills the cache and the
+    other three take its blocks at their own first prefill chunk, so the system prompt is computed once."""
+    model = tiny_model("tiny-llama3")
+    system = prompts_of(1, seed=6, lo=40, hi=40)[0]
+    questions = prompts_of(4, seed=7, lo=3, hi=9)
+    engine = Engine(model, n_blocks=64, block_size=8, max_batch=4, prefill_chunk=64)
+    prompts = [system + q for q in questions]
+    assert engine.generate(prompts, 6) == alone(model, prompts, 6)
+    assert engine.stats["from_cache"] == 3 * 40
+    assert engine.stats["prefilled"] == sum(len(p) - 1 for p in prompts) - 3 * 40
+    assert_drained(engine)
+
+
 def test_bad_requests_are_refused_before_any_work():
     model = tiny_model("tiny-gqa")
     engine = Engine(model, n_blocks=4, block_size=4)

@@ -171,6 +171,9 @@ class Engine:
             self.running.append(seq)
 
     def _prefill_chunk(self, seq: _Sequence) -> None:
+        self._share_new_cached_blocks(seq)
+        if not seq.prefilling:  # the cache held all of its prompt
+            return
         end = min(seq.fed + self.prefill_chunk, len(seq.tokens) - 1)  # the last token goes through decode
         chunk = torch.tensor([seq.tokens[seq.fed:end]], device=self.device)
         if not self._grow([seq], chunk.shape[1]):
@@ -276,6 +279,28 @@ class Engine:
             blocks.append(self.cached[h])
             hashes.append(h)
         return blocks, hashes
+
+    def _share_new_cached_blocks(self, seq: _Sequence) -> None:
+        """Blocks that another sequence cached *after* this one was admitted: share them instead of computing them.
+
+        Requests that arrive together (a burst of clients with the same system prompt) all find the cache empty
+        when admitted; the first to be prefilled fills it, and the others take its blocks here, one prefill chunk
+        later, rather than each computing the shared prompt again."""
+        if not self.prefix_caching:
+            return
+        table, bs = self.cache.tables[seq.request.id], self.cache.block_size
+        while seq.fed == len(table) * bs and (len(table) + 1) * bs <= len(seq.tokens) - 1:
+            i = len(table)  # the next block to fill is a full block of the prompt: is it cached?
+            h = hash((seq.hashes[-1] if seq.hashes else 0, tuple(seq.tokens[i * bs:(i + 1) * bs])))
+            block = self.cached.get(h)
+            if block is None:
+                return
+            self.cache.share(seq.request.id, block)
+            self.cached.move_to_end(h)
+            seq.hashes.append(h)
+            seq.fed += bs
+            seq.request.cached_tokens = max(seq.request.cached_tokens, seq.fed)
+            self.stats["from_cache"] += bs
 
     def _remember_blocks(self, seq: _Sequence) -> None:
         """Name the sequence's full blocks by their prefix hash, so later requests can share them."""

@@ -105,6 +105,15 @@ class PagedKVCache(KVCache):
         self.tables[seq_id] = list(shared_blocks)
         self.lengths[seq_id] = len(shared_blocks) * self.block_size
 
+    def share(self, seq_id: int, block: int) -> None:
+        """Append a full block that already holds this sequence's next ``block_size`` tokens (a cached prefix)."""
+        if self.lengths[seq_id] != len(self.tables[seq_id]) * self.block_size:
+            raise ValueError(f"sequence {seq_id} ends inside a block: only a sequence at a block boundary can "
+                             "take a shared block")
+        self.pool.share(block)
+        self.tables[seq_id].append(block)
+        self.lengths[seq_id] += self.block_size
+
     def remove(self, seq_id: int, keep=lambda block: False) -> None:
         """End a sequence: its blocks return to the pool (a shared block stays with its other users; a block for
         which ``keep(block)`` is true stays out of the free list, for a prefix cache)."""
