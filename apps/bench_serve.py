@@ -2,6 +2,7 @@
 batching with ``generate``, and speculative decoding against plain decoding, in one run, one table each.
 
     uv run apps/bench_serve.py                    # SmolLM2-135M-Instruct, fp32, concurrency 1, 4, 16, 64
+    uv run apps/bench_serve.py --dtype bfloat16   # the default dtype of a CPU with bf16 arithmetic
     uv run apps/bench_serve.py --quick            # a smoke run: small counts, seconds to a minute
 
 Workload: a fixed, seeded mix of prompt lengths (16-256 tokens) and answer lengths (8-96 tokens), greedy. At
@@ -84,15 +85,15 @@ def run_static(model, jobs, c: int) -> dict:
     return summary("static batching (generate)", c, n_tokens, time.perf_counter() - start, ttft, itl)
 
 
-def load_hf():
-    """transformers' LlamaForCausalLM on the same GGUF weights (its own GGUF loader), fp32, eval."""
+def load_hf(dtype=torch.float32):
+    """transformers' LlamaForCausalLM on the same GGUF weights (its own GGUF loader), eval."""
     from transformers import LlamaForCausalLM
 
     from minllama.core.checkpoint import default_model_path
 
     path = default_model_path()
     return LlamaForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                            dtype=torch.float32).eval()
+                                            dtype=dtype).eval()
 
 
 def run_hf_static(hf, jobs, c: int) -> dict:
@@ -151,18 +152,20 @@ def speculation(model, tokenizer, quick: bool) -> list[dict]:
     rows = []
 
     def timed(label, fn):
+        list(fn({}))  # warm-up: the first call of a shape builds its kernels (measured: 6 tok/s, then 33)
         start = time.perf_counter()
         stats = {}
         out = list(fn(stats))
         elapsed = time.perf_counter() - start
         rows.append({"decode": label, "tok_s": len(out) / elapsed,
-                     "accepted": f"{stats['accepted']}/{stats['drafted']}" if stats.get("drafted") else "-"})
+                     "accepted": f"{stats['accepted']}/{stats['drafted']}" if stats.get("drafted") else "-",
+                     "same": "-" if not rows else "yes" if out == rows[0]["out"] else "no", "out": out})
         return out
 
-    plain = timed("plain (generate_stream)", lambda s: (int(t[0]) for t in generate_stream(model, [prompt], n)))
+    timed("plain (generate_stream)", lambda s: (int(t[0]) for t in generate_stream(model, [prompt], n)))
     for label, draft in [("prompt lookup, k=4", LookupDraft()), ("prompt lookup, k=8", LookupDraft())]:
         k = int(label[-1])
-        assert timed(label, lambda s: speculative_generate(model, prompt, n, draft, k=k, stats=s)) == plain
+        timed(label, lambda s: speculative_generate(model, prompt, n, draft, k=k, stats=s))
     try:
         from minllama.quant import quantize
         import copy
@@ -183,6 +186,8 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights and compute of every system (fp32: each answer is exactly its one-at-a-time answer)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,13 +199,15 @@ def main(argv=None) -> None:
     busy = " -- the machine was BUSY (load average above the core count): compare rows, not runs" \
         if load > (os.cpu_count() or 1) else ""
     print(f"# {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average {load:.1f}{busy}")
-    model, tokenizer = load_pretrained("smollm2-135m-instruct", dtype=torch.float32)
+    dtype = getattr(torch, args.dtype)
+    print(f"# {args.dtype}")
+    model, tokenizer = load_pretrained("smollm2-135m-instruct", dtype=dtype)
     vocab = model.config.vocab_size
     scale = 0.2 if args.quick else 1.0
     jobs = workload(args.requests, vocab, seed=0, scale=scale)
     system = [random.Random(1).randrange(100, vocab) for _ in range(64 if args.quick else 500)]
     shared = workload(args.requests, vocab, seed=0, prefix=system, scale=scale)
-    rows, hf = [], None if args.no_hf else load_hf()
+    rows, hf = [], None if args.no_hf else load_hf(dtype)
     with torch.no_grad():
         for c in levels:
             rows.append(run_engine(model, jobs, c, True, "engine"))
@@ -220,10 +227,11 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"| {r['system']} | {r['concurrency']} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} "
               f"| {r['itl_ms']:.1f} |")
-    print("\n| batch-1 decode | tok/s | drafts kept |")
-    print("|---|---|---|")
+    print("\n| batch-1 decode | tok/s | speed-up | drafts kept | same tokens as plain |")
+    print("|---|---|---|---|---|")
     for r in spec:
-        print(f"| {r['decode']} | {r['tok_s']:.1f} | {r['accepted']} |")
+        print(f"| {r['decode']} | {r['tok_s']:.1f} | {r['tok_s'] / spec[0]['tok_s']:.2f}x | {r['accepted']} | "
+              f"{r['same']} |")
     print(f"\n# load average at the end {os.getloadavg()[0]:.1f}")
 
 
