@@ -196,6 +196,10 @@ def test_a_cut_stage_computes_what_the_full_model_computes():
     ({"pp": 0}, ["--pp 0", "use --pp 1"]),
     ({"pp": 2, "tp": 2, "world": 6}, ["6 ranks do not split into pipelines of 2 stages x --tp 2", "--pp x --tp = 4"]),
     ({"pp": 2, "tp": 2, "world": 4, "batch_size": 3}, ["--batch-size 3 does not split into 1 data-parallel"]),
+    ({"pp": 2, "cp": 2, "tp": 2, "world": 4}, ["4 ranks do not split into pipelines of 2 stages x --cp 2 x --tp 2 "
+                                               "ranks each", "multiple of --pp x --cp x --tp = 8 ranks"]),
+    ({"pp": 2, "cp": 2, "world": 8, "batch_size": 4, "microbatches": 4},
+     ["--batch-size 4 does not split into 2 data-parallel replica(s) x 4"]),  # the ring ranks share their rows
 ])
 def test_bad_pipeline_options_are_one_clear_error(kwargs, words):
     cfg = LlamaConfig.from_name(kwargs.pop("config", "tiny-gqa"), n_layers=kwargs.pop("n_layers", 2))
