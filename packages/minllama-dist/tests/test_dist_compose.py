@@ -1,7 +1,8 @@
 """The compositions of the splits, against the oracle of one process training the same model on the same global
 batches with the same AdamW: on 4 forked ranks pipeline x tensor parallel (pp=2, tp=2), context x tensor parallel
-(cp=2, tp=2) and pipeline x context parallel (pp=2, cp=2). Gradients are compared unclipped (clipping to norm 1
-would hide a gradient scaled by any factor)."""
+(cp=2, tp=2) and pipeline x context parallel (pp=2, cp=2); on 8, the 3-D meshes pp x dp_shard x tp and
+pp x cp x tp (2 x 2 x 2). Gradients are compared unclipped (clipping to norm 1 would hide a gradient scaled by any
+factor)."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -157,6 +158,41 @@ def test_pipeline_x_context_parallel_equals_one_process_and_its_checkpoint_loads
     # the stage boundary carries one ring rank's tokens: (micro-batch rows, T / cp, dim), the whole hidden size
     assert [r["received"][0] for r in runs[2:]] == [(BATCH // 2, SEQ // 2, tiny_model().config.dim)] * 2
     assert_checkpoint_continues_one_process(tmp_path / "ckpt")  # PP x CP -> one process
+
+
+# --------------------------------------------------------------------------------------------- 3-D on 8 ranks
+THREE_D = {"pp2xdp2xtp2": dict(pp=2, tp=2), "pp2xcp2xtp2": dict(pp=2, cp=2, tp=2)}
+
+
+def three_d_worker(rank, world):
+    out = {}
+    for name, degrees in THREE_D.items():  # one fork of 8 ranks for both meshes (forking costs seconds)
+        mesh = build_mesh(plan_mesh(world, **degrees))
+        pipe = build_pipeline(tiny_model("tiny-gqa"), mesh, CPU, "1f1b", microbatches=2)
+        losses, opt, _ = pipelined_train(pipe)
+        out[name] = {"losses": losses, "grads": opt.seen, "keys": sorted(pipe.model.state_dict()),
+                     "local_numel": sum(p.to_local().numel() for p in pipe.model.parameters()),
+                     "rows": (pipe.dp_rank, pipe.dp_size)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def three_d_runs(tmp_path_factory):
+    return ok(run_ranks(three_d_worker, 8, tmp=tmp_path_factory.mktemp("3d"), timeout=600))
+
+
+@pytest.mark.parametrize("name", list(THREE_D))  # (8 ranks on 2 cores, both meshes: about 13 s)
+def test_three_d_meshes_on_eight_ranks_equal_one_process(three_d_runs, name):
+    runs = [r[name] for r in three_d_runs]
+    assert_equal_to_single_process(runs)
+    full = tiny_model().state_dict()
+    stage0 = sum(full[k].numel() for k in runs[0]["keys"])
+    if name == "pp2xdp2xtp2":  # mesh [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]: (pp, dp_shard, tp)
+        assert [r["rows"] for r in runs] == [(0, 2), (0, 2), (1, 2), (1, 2)] * 2  # the dp index picks the rows
+        # a weight is split over tp, then over dp_shard; norms (replicated over tp) only over dp_shard
+        assert runs[0]["local_numel"] < stage0 / 3
+    else:  # (pp, cp, tp): each stage a ring of 2 x tp 2; every rank reads all the rows
+        assert [r["rows"] for r in runs] == [(0, 1)] * 8
 
 
 def test_a_window_whose_ring_share_does_not_split_over_tp_is_one_clear_error():
