@@ -17,7 +17,7 @@ another pipeline layout, and back.
 
 Inside a stage the other splits apply as they do to a whole model (``build_pipeline``): tensor parallel over the
 "tp" ranks that hold the stage, ring attention over its "cp" ranks (PP x CP: each stage is a ring, each pipeline
-carries one ring position's tokens; README section 4e), and FSDP over the rest.
+carries one ring position's tokens; README section 4e), FSDP over the rest, and bf16 mixed precision.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
@@ -203,7 +203,8 @@ class Pipeline:
 
 
 def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, schedule: str = "1f1b",
-                   microbatches: int = 4, activation_checkpointing: bool = False) -> Pipeline:
+                   microbatches: int = 4, activation_checkpointing: bool = False,
+                   param_dtype: torch.dtype | None = None) -> Pipeline:
     """Cut ``model`` into stages, keep this rank's, shard it over "dp_shard" (FSDP2, when that dimension has more
     than one rank) and build the schedule. Every rank calls it with the same, full ``model`` (e.g. drawn from one
     seed); the other ranks' layers are dropped with ``model``.
@@ -220,6 +221,10 @@ def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, 
     rank's share of the loss, and FSDP shards and averages over dp_shard x cp. The stages learn the shapes they
     receive from the first micro-batch (PyTorch's runtime shape inference), so the local shapes need not be
     spelled out.
+
+    ``param_dtype`` (e.g. torch.bfloat16): the stages compute in it and send activations in it; FSDP's
+    ``MixedPrecisionPolicy`` keeps the sharded master weights and AdamW in fp32 and sums the gradients of the
+    micro-batches and replicas in fp32 (FSDP is then applied even over a "dp_shard" of one rank, for the casts).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
@@ -251,13 +256,14 @@ def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, 
     if activation_checkpointing:  # keep only each block's input per micro-batch; recompute the rest in backward
         for block in owned.layers.values():
             apply_activation_checkpointing(block)
-    if dp_mesh.size() > 1:
+    if dp_mesh.size() > 1 or param_dtype is not None:
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in owned.layers.values():  # one FSDP group per block, as apply_fsdp does
             # keep the gathered weights from forward to backward: a block runs once per micro-batch, resharding
             # after each forward would all-gather it m times more
-            fully_shard(block, mesh=dp_mesh, reshard_after_forward=False)
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
         for chunk in chunks:  # the embedding / norm + head of this stage
-            fully_shard(chunk, mesh=dp_mesh, reshard_after_forward=False)
+            fully_shard(chunk, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
     group = pp_mesh.get_group()
     stages = [PipelineStage(chunk, s, n_stages, device, group=group) for chunk, s in zip(chunks, mine)]
     loss_fn = lm_loss if ring is None else functools.partial(_ring_share_loss, ring)
@@ -331,7 +337,7 @@ def pipeline_train_step(pipe: Pipeline, optimizer, tokens: Tensor, max_grad_norm
 
 def pipeline_for_training(cfg: LlamaConfig, seed: int, device: torch.device, pp: int, schedule: str,
                           microbatches: int, batch_size: int, activation_checkpointing: bool = False,
-                          tp: int = 1, cp: int = 1) -> Pipeline:
+                          tp: int = 1, cp: int = 1, param_dtype: torch.dtype | None = None) -> Pipeline:
     """What ``apps/train.py --pp`` calls: check the options, build the mesh, draw the initial weights and cut.
 
     Every rank draws the *full* model from ``seed`` on the CPU (the numbers of one process, ``init_from_rank0``'s
@@ -344,4 +350,4 @@ def pipeline_for_training(cfg: LlamaConfig, seed: int, device: torch.device, pp:
     full.init_weights()
     mesh = pipeline_mesh(device, pp) if tp == cp == 1 else build_mesh(plan_mesh(world, pp=pp, cp=cp, tp=tp),
                                                                       device.type)
-    return build_pipeline(full, mesh, device, schedule, microbatches, activation_checkpointing)
+    return build_pipeline(full, mesh, device, schedule, microbatches, activation_checkpointing, param_dtype)
