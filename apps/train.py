@@ -8,10 +8,13 @@
     uv run torchrun --standalone --nproc-per-node 4 apps/train.py --cp 2       # rings of 2 ranks split each window
     uv run torchrun --standalone --nproc-per-node 4 apps/train.py --pp 2 --tp 2    # 2 stages, each tensor parallel
     uv run torchrun --standalone --nproc-per-node 4 apps/train.py --cp 2 --tp 2    # rings of 2 x tensor parallel 2
+    uv run torchrun --standalone --nproc-per-node 4 apps/train.py --pp 2 --cp 2    # 2 stages, each a ring of 2
+    uv run torchrun --standalone --nproc-per-node 8 apps/train.py --pp 2 --tp 2    # 3-D: 2 stages x FSDP 2 x tp 2
 
 The ranks form a (pp, dp_shard, cp, tp) mesh: --tp splits every weight matrix (and the sequence between blocks)
 over that many neighbouring ranks; FSDP shards over the rest (--dp-shard, derived: world / (pp * cp * tp)).
---pp composes with --tp and FSDP, --cp with --tp and FSDP; --pp with --cp is refused (not built yet).
+Every combination of --pp, --cp and --tp composes (with FSDP on what is left); --bf16 computes in bf16 with fp32
+master weights and gradient sums in every layout, pipelines included.
 
 Tokens are bytes (vocab 256, the size of the tiny presets), so no tokenizer is needed. The default corpus,
 apps/data/fables.txt, is original text dedicated to the public domain (CC0). Every --ckpt-every steps a DCP
@@ -129,10 +132,6 @@ def main(argv=None) -> int:
                           dp_shard=args.dp_shard, cfg=cfg, seq_len=args.seq_len)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    if shape.pp > 1 and shape.cp > 1:
-        sys.exit("error: --pp composes with --tp and FSDP in this version, not yet with --cp: use --pp or --cp")
-    if shape.pp > 1 and args.bf16:
-        sys.exit("error: --bf16 is not supported with --pp: train the pipeline in fp32 (drop --bf16)")
     if cfg.max_seq_len % shape.tp:
         sys.exit(f"error: --config {args.config} has a context of {cfg.max_seq_len}, not a multiple of --tp "
                  f"{shape.tp} (sampling pads the window to one)")
@@ -146,15 +145,16 @@ def main(argv=None) -> int:
     # The model: built on the meta device, sharded (tensor parallel over "tp", then FSDP over "dp_shard"), and only
     # then allocated (each rank: its shards only). Rank 0 draws the initial weights and broadcasts them, so that
     # every mesh starts from the same numbers. With --pp, each rank keeps only its stages' layers
-    # (minllama.dist.pipeline; each stage tensor parallel over "tp" with --tp), starting from the same numbers.
-    # With --cp, the ranks of a ring (the "cp" dimension) read the same rows, each its part of every window
-    # (ring attention, on the local heads under --tp), and FSDP shards over dp_shard x cp.
+    # (minllama.dist.pipeline; each stage tensor parallel over "tp" with --tp, a ring over "cp" with --cp),
+    # starting from the same numbers. With --cp, the ranks of a ring (the "cp" dimension) read the same rows, each
+    # its part of every window (ring attention, on the local heads under --tp), and FSDP shards over dp_shard x cp.
     pipe, step_fn = None, train_step
+    param_dtype = torch.bfloat16 if args.bf16 else None
     if shape.pp > 1:
         try:
             pipe = pipeline_for_training(cfg, args.seed, device, args.pp, args.pp_schedule, args.microbatches,
                                          args.batch_size, activation_checkpointing=args.activation_checkpointing,
-                                         tp=shape.tp)
+                                         tp=shape.tp, cp=shape.cp, param_dtype=param_dtype)
         except ValueError as e:
             sys.exit(f"error: {e}")
         model, dp_rank = pipe.model, pipe.dp_rank
@@ -162,8 +162,7 @@ def main(argv=None) -> int:
         mesh = build_mesh(shape, device.type)
         dp_rank = mesh["dp_shard"].get_local_rank()  # which rows of each global batch are ours
         model = meta_model(cfg)
-        parallelize_llama(model, mesh, param_dtype=torch.bfloat16 if args.bf16 else None,
-                          activation_checkpointing=args.activation_checkpointing)
+        parallelize_llama(model, mesh, param_dtype=param_dtype, activation_checkpointing=args.activation_checkpointing)
         materialize(model, device, init=False)
         init_from_rank0(model, args.seed)
         if shape.cp > 1:

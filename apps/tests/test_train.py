@@ -102,8 +102,9 @@ def test_train_bad_mesh_is_one_clear_line(tmp_path):
              ({"WORLD_SIZE": "4"}, ["--tp", "4"], "n_kv_heads=2 does not split over --tp 4 ranks"),
              ({"WORLD_SIZE": "2"}, ["--tp", "2", "--seq-len", "33"], "--seq-len 33 does not split"),
              ({"WORLD_SIZE": "4"}, ["--tp", "2", "--batch-size", "3"], "multiple of the 2 data-parallel groups"),
-             ({"WORLD_SIZE": "4"}, ["--pp", "2", "--cp", "2"], "--pp composes with --tp and FSDP in this version, "
-                                                              "not yet with --cp")]
+             # pp 2 x cp 2 on 8 ranks: 2 data-parallel groups (the ranks of a ring share their rows)
+             ({"WORLD_SIZE": "8"}, ["--pp", "2", "--cp", "2", "--batch-size", "3"],
+              "multiple of the 2 data-parallel groups")]
     for env, args, message in cases:
         out = subprocess.run([sys.executable, str(APPS / "train.py"), *args, "--out", str(tmp_path / "x")],
                              capture_output=True, text=True, timeout=120, cwd=APPS.parent, env={**ENV, **env})

@@ -1,6 +1,8 @@
-"""The 3-D compositions on 4 forked ranks, against the oracle of one process training the same model on the same
-global batches with the same AdamW: pipeline x tensor parallel (pp=2, tp=2) and context x tensor parallel
-(cp=2, tp=2). Gradients are compared unclipped (clipping to norm 1 would hide a gradient scaled by any factor)."""
+"""The compositions of the splits, against the oracle of one process training the same model on the same global
+batches with the same AdamW: on 4 forked ranks pipeline x tensor parallel (pp=2, tp=2), context x tensor parallel
+(cp=2, tp=2) and pipeline x context parallel (pp=2, cp=2); on 8, the 3-D meshes pp x dp_shard x tp and
+pp x cp x tp (2 x 2 x 2). Gradients are compared unclipped (clipping to norm 1 would hide a gradient scaled by any
+factor)."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,16 +22,16 @@ CPU = torch.device("cpu")
 LR = 3e-3
 
 
-def batches(position: int = 0) -> TokenBatches:
+def batches(position: int = 0, seq_len: int = SEQ) -> TokenBatches:
     g = torch.Generator().manual_seed(1)
-    return TokenBatches(torch.randint(0, 256, (4000,), generator=g), seq_len=SEQ, global_batch=BATCH,
+    return TokenBatches(torch.randint(0, 256, (4000,), generator=g), seq_len=seq_len, global_batch=BATCH,
                         position=position)
 
 
-def single_process(steps: int = STEPS, clip: float | None = None):
+def single_process(steps: int = STEPS, clip: float | None = None, seq_len: int = SEQ):
     model = tiny_model("tiny-gqa")
     opt = RecordingAdamW(model, lr=LR)
-    data = batches()
+    data = batches(seq_len=seq_len)
     losses = [train_step(model, opt, data.next_for_rank(), max_grad_norm=clip) for _ in range(steps)]
     return losses, opt.seen, model
 
@@ -42,6 +44,33 @@ def assert_equal_to_single_process(runs, steps=STEPS):
         for step in range(steps):
             for name, g in r["grads"][step].items():  # each rank: the gradients of the parameters it holds
                 torch.testing.assert_close(g, grads[step][name], atol=1e-5, rtol=1e-4, msg=f"{name} @ {step}")
+    held = {name for r in runs for name in r["grads"][0]}
+    assert held == set(grads[0]), set(grads[0]) ^ held  # every parameter was compared on some rank
+
+
+def pipelined_train(pipe, seq_len: int = SEQ, clip: float | None = None, steps: int = STEPS):
+    """``steps`` AdamW steps of a pipeline on this replica's rows; returns (losses, the recording optimizer, the
+    data position reached)."""
+    opt = RecordingAdamW(pipe.model, lr=LR)
+    data = batches(seq_len=seq_len)
+    losses = [pipeline_train_step(pipe, opt, data.next_for_rank(pipe.dp_rank, pipe.dp_size), max_grad_norm=clip)
+              for _ in range(steps)]
+    return losses, opt, data.position
+
+
+def assert_checkpoint_continues_one_process(ckpt):
+    """A checkpoint saved after STEPS steps (weights + AdamW moments), loaded into one process, continues the
+    one-process run exactly: DCP across meshes."""
+    ref_losses, _, ref = single_process(STEPS + 1)
+    model = tiny_model("tiny-gqa", seed=7)  # other weights: the load must replace them all
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    state = load_checkpoint(ckpt, model, opt)
+    assert state["optimizer_restored"] and len(opt.state) == len(list(model.parameters()))
+    data = batches(state["data_position"])
+    assert train_step(model, opt, data.next_for_rank(), max_grad_norm=None) == pytest.approx(ref_losses[-1],
+                                                                                             abs=1e-5)
+    for k, v in ref.state_dict().items():  # (Adam's first steps amplify 1e-7 gradient noise: see test_dist_fsdp)
+        torch.testing.assert_close(model.state_dict()[k], v, atol=3e-4, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- pipeline x TP
@@ -51,11 +80,8 @@ def pp_tp_worker(rank, world, ckpt):
     received = []  # what the second stage's first block is given: the slice sent by the first stage
     if "1" in pipe.model.layers:
         pipe.model.layers["1"].register_forward_pre_hook(lambda m, args: received.append(tuple(args[0].shape)))
-    opt = RecordingAdamW(pipe.model, lr=LR)
-    data = batches()
-    losses = [pipeline_train_step(pipe, opt, data.next_for_rank(pipe.dp_rank, pipe.dp_size), max_grad_norm=None)
-              for _ in range(STEPS)]
-    save_checkpoint(ckpt, pipe.model, opt, {"data_position": data.position})
+    losses, opt, position = pipelined_train(pipe)
+    save_checkpoint(ckpt, pipe.model, opt, {"data_position": position})
     logits_sharded = pipe.model.output is not None and isinstance(pipe.model.output.weight, DTensor)
     clipped = build_pipeline(tiny_model("tiny-gqa"), mesh, CPU, "gpipe", microbatches=2)  # the norm: over tp and pp
     clip_opt = torch.optim.AdamW(clipped.model.parameters(), lr=LR)
@@ -77,17 +103,7 @@ def test_pipeline_x_tensor_parallel_equals_one_process_and_its_checkpoint_loads_
     assert [r["received"][0] for r in runs[2:]] == [(BATCH // 2, SEQ // 2, dim)] * 2
     assert runs[0]["keys"] == runs[1]["keys"] != runs[2]["keys"] == runs[3]["keys"]
     assert [r["head_sharded"] for r in runs] == [False, False, True, True]  # the last stage: vocab-sharded head
-    # the PP x TP checkpoint (weights + AdamW moments) in one process continues exactly the one-process run
-    ref_losses, _, ref = single_process(STEPS + 1)
-    model = tiny_model("tiny-gqa", seed=7)  # other weights: the load must replace them all
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    state = load_checkpoint(tmp_path / "ckpt", model, opt)
-    assert state["optimizer_restored"] and len(opt.state) == len(list(model.parameters()))
-    data = batches(state["data_position"])
-    assert train_step(model, opt, data.next_for_rank(), max_grad_norm=None) == pytest.approx(ref_losses[-1],
-                                                                                             abs=1e-5)
-    for k, v in ref.state_dict().items():  # (Adam's first steps amplify 1e-7 gradient noise: see test_dist_fsdp)
-        torch.testing.assert_close(model.state_dict()[k], v, atol=3e-4, rtol=0)
+    assert_checkpoint_continues_one_process(tmp_path / "ckpt")  # PP x TP -> one process
 
 
 # ------------------------------------------------------------------------------------------ context x TP
@@ -113,6 +129,70 @@ def test_context_x_tensor_parallel_equals_one_process(tmp_path):
         assert r["between_blocks"] == (BATCH, SEQ // 2 // 2, cfg.dim)
         assert r["heads"] == cfg.n_heads // 2  # the ring runs on the local heads
     assert [r["ring"] for r in runs] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+
+
+# -------------------------------------------------------------------------------------- pipeline x context
+def pp_cp_worker(rank, world, ckpt):
+    mesh = build_mesh(plan_mesh(world, pp=2, cp=2))  # [[0, 1], [2, 3]]: stage 0 is the ring {0, 1}, stage 1 {2, 3}
+    pipe = build_pipeline(tiny_model("tiny-gqa"), mesh, CPU, "1f1b", microbatches=2)
+    received = []  # what the second stage's first block is given: one ring rank's tokens, sent by the first stage
+    if "1" in pipe.model.layers:
+        pipe.model.layers["1"].register_forward_pre_hook(lambda m, args: received.append(tuple(args[0].shape)))
+    losses, opt, position = pipelined_train(pipe)
+    save_checkpoint(ckpt, pipe.model, opt, {"data_position": position})
+    # 15 tokens: the 2 x cp = 4 chunks are padded to 16; activation checkpointing runs the ring again in backward;
+    # clipping sums the squared norm over the ring's FSDP shards and over the stages
+    padded = build_pipeline(tiny_model("tiny-gqa"), mesh, CPU, "gpipe", microbatches=2, activation_checkpointing=True)
+    padded_losses, _, _ = pipelined_train(padded, seq_len=15, clip=1.0)
+    return {"losses": losses, "grads": opt.seen, "received": received, "padded_losses": padded_losses,
+            "ring": dist.get_process_group_ranks(pipe.context_parallel.group), "keys": sorted(pipe.model.state_dict())}
+
+
+def test_pipeline_x_context_parallel_equals_one_process_and_its_checkpoint_loads_in_one(tmp_path):
+    runs = ok(run_ranks(pp_cp_worker, 4, str(tmp_path / "ckpt"), tmp=tmp_path, timeout=300))
+    assert_equal_to_single_process(runs)
+    padded, _, _ = single_process(clip=1.0, seq_len=15)
+    assert all(r["padded_losses"] == pytest.approx(padded, abs=1e-5) for r in runs)
+    assert [r["ring"] for r in runs] == [[0, 1], [0, 1], [2, 3], [2, 3]]  # each stage is a ring of its 2 ranks
+    assert runs[0]["keys"] == runs[1]["keys"] != runs[2]["keys"] == runs[3]["keys"]
+    # the stage boundary carries one ring rank's tokens: (micro-batch rows, T / cp, dim), the whole hidden size
+    assert [r["received"][0] for r in runs[2:]] == [(BATCH // 2, SEQ // 2, tiny_model().config.dim)] * 2
+    assert_checkpoint_continues_one_process(tmp_path / "ckpt")  # PP x CP -> one process
+
+
+# --------------------------------------------------------------------------------------------- 3-D on 8 ranks
+THREE_D = {"pp2xdp2xtp2": dict(pp=2, tp=2), "pp2xcp2xtp2": dict(pp=2, cp=2, tp=2)}
+
+
+def three_d_worker(rank, world):
+    out = {}
+    for name, degrees in THREE_D.items():  # one fork of 8 ranks for both meshes (forking costs seconds)
+        mesh = build_mesh(plan_mesh(world, **degrees))
+        pipe = build_pipeline(tiny_model("tiny-gqa"), mesh, CPU, "1f1b", microbatches=2)
+        losses, opt, _ = pipelined_train(pipe)
+        out[name] = {"losses": losses, "grads": opt.seen, "keys": sorted(pipe.model.state_dict()),
+                     "local_numel": sum(p.to_local().numel() for p in pipe.model.parameters()),
+                     "rows": (pipe.dp_rank, pipe.dp_size)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def three_d_runs(tmp_path_factory):
+    return ok(run_ranks(three_d_worker, 8, tmp=tmp_path_factory.mktemp("3d"), timeout=600))
+
+
+@pytest.mark.parametrize("name", list(THREE_D))  # (8 ranks on 2 cores, both meshes: about 13 s)
+def test_three_d_meshes_on_eight_ranks_equal_one_process(three_d_runs, name):
+    runs = [r[name] for r in three_d_runs]
+    assert_equal_to_single_process(runs)
+    full = tiny_model().state_dict()
+    stage0 = sum(full[k].numel() for k in runs[0]["keys"])
+    if name == "pp2xdp2xtp2":  # mesh [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]: (pp, dp_shard, tp)
+        assert [r["rows"] for r in runs] == [(0, 2), (0, 2), (1, 2), (1, 2)] * 2  # the dp index picks the rows
+        # a weight is split over tp, then over dp_shard; norms (replicated over tp) only over dp_shard
+        assert runs[0]["local_numel"] < stage0 / 3
+    else:  # (pp, cp, tp): each stage a ring of 2 x tp 2; every rank reads all the rows
+        assert [r["rows"] for r in runs] == [(0, 1)] * 8
 
 
 def test_a_window_whose_ring_share_does_not_split_over_tp_is_one_clear_error():

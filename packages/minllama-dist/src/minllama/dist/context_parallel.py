@@ -330,6 +330,19 @@ class ContextParallel:
         finally:
             self.layout = None
 
+    def shard_tokens(self, tokens: Tensor, tp: int = 1) -> tuple[Tensor, Tensor]:
+        """This rank's inputs and next-token targets, (b, L) each, of the rows ``tokens`` (b, T+1), inside
+        ``sequence(T)``; the targets of padding positions are -100 (the loss ignores them). Refuses, before any
+        collective, an L that sequence parallel (tensor parallel inside the ring) cannot split over ``tp``."""
+        layout, T = self.layout, tokens.shape[1] - 1
+        if layout is None or layout.seq_len != T:
+            raise ValueError(f"rows of {T} inputs + 1 target are split inside cp.sequence({T}), not outside it")
+        if layout.local_len % tp:
+            raise ValueError(f"{T} tokens over a ring of {self.world} give {layout.local_len} per rank, which "
+                             f"sequence parallel cannot split over tp={tp}: use a --seq-len that is a multiple of "
+                             f"2 * cp * tp = {2 * self.world * tp}")
+        return layout.shard(tokens[:, :-1], self.rank), layout.shard(tokens[:, 1:], self.rank, pad_value=-100)
+
     def rope_positions(self, layout: RingLayout, max_seq_len: int, device=None) -> Tensor:
         """This rank's ``input_pos`` (L,): the tokens' global positions (padding clamped into the RoPE table)."""
         return layout.positions[self.rank].clamp(max=max_seq_len - 1).to(device)
@@ -369,23 +382,25 @@ def context_parallel_loss(model: MinimalLlama, cp: ContextParallel, tokens: Tens
     The rank sums the cross-entropy of its own tokens and divides by (b*T / N): the *mean* over the N ranks of
     these shares is the loss of the rows, so averaging gradients over the ring ranks (as data parallelism or FSDP
     does) gives exactly the gradient of one process on the whole sequences."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (b, T) each
-    b, T = inputs.shape
+    T = tokens.shape[1] - 1
     tp = getattr(model, "tp_size", 1)  # tensor parallel too: sequence parallel splits each rank's L tokens again
     with cp.sequence(T) as layout:
-        if layout.local_len % tp:
-            raise ValueError(f"{T} tokens over a ring of {cp.world} give {layout.local_len} per rank, which "
-                             f"sequence parallel cannot split over tp={tp}: use a --seq-len that is a multiple of "
-                             f"2 * cp * tp = {2 * cp.world * tp}")
-        local_inputs = layout.shard(inputs, cp.rank)  # (b, L)
-        local_targets = layout.shard(targets, cp.rank, pad_value=-100)  # padding is ignored by the loss
+        local_inputs, local_targets = cp.shard_tokens(tokens, tp)  # (b, L) each
         input_pos = cp.rope_positions(layout, model.config.max_seq_len, tokens.device)
         logits = model(local_inputs, input_pos=input_pos)  # (b, L, vocab)
     # (under tensor parallel the logits are vocabulary-sharded, (b, L, vocab/tp): the caller runs this and the
     # backward inside loss_parallel, as cp_train_step does)
+    return loss_share(logits, local_targets, cp.world, T)
+
+
+def loss_share(logits: Tensor, local_targets: Tensor, n_ranks: int, seq_len: int) -> Tensor:
+    """One ring rank's share of the mean next-token loss of b rows of ``seq_len`` tokens: the cross-entropy
+    *summed* over the rank's own tokens (targets of -100, the padding, ignored), divided by b * seq_len / n_ranks.
+    Dividing by the whole row's token count, not the rank's, is what makes the mean of the n_ranks shares the loss
+    of the rows. logits (b, L, vocab), local_targets (b, L). Also the last pipeline stage's loss under PP x CP."""
     loss_sum = F.cross_entropy(logits.float().flatten(0, 1), local_targets.flatten(), ignore_index=-100,
                                reduction="sum")
-    return loss_sum * cp.world / (b * T)
+    return loss_sum * n_ranks / (logits.shape[0] * seq_len)
 
 
 def average_gradients(model: torch.nn.Module, group) -> None:

@@ -77,8 +77,9 @@ def measure_step(cfg: LlamaConfig, layout: Layout, batch: int, seq_len: int, mic
     device = torch.device("cpu")
     plan_mesh(world, tp=layout.tp, pp=layout.pp, cp=layout.cp, dp_shard=layout.dp_shard, cfg=cfg, seq_len=seq_len)
     if (layout.pp > 1) + (layout.cp > 1) + (layout.tp > 1) > 1:
-        raise ValueError(f"{layout.name}: this version composes each of pp, cp and tp with FSDP, not with each other "
-                         f"(as apps/train.py): measure one of them at a time; the estimate covers every layout")
+        raise ValueError(f"{layout.name}: measure_step builds each of pp, cp and tp with FSDP, not with each other "
+                         f"(apps/train.py trains the compositions): measure one of them at a time; the estimate "
+                         f"covers every layout")
     ac = layout.activation_checkpointing
     torch.manual_seed(1000 + rank)
     tokens = torch.randint(0, cfg.vocab_size, (batch // layout.dp_shard, seq_len + 1))  # this rank's rows

@@ -14,10 +14,15 @@ The model code is untouched: ``cut_stage`` builds a ``LlamaStage`` *from* a ``Mi
 same attribute names, so every parameter keeps its name (``layers.3.attention.wq.weight`` stays that on the rank
 that owns layer 3). A distributed checkpoint written by a pipeline therefore loads into one process, FSDP, or
 another pipeline layout, and back.
+
+Inside a stage the other splits apply as they do to a whole model (``build_pipeline``): tensor parallel over the
+"tp" ranks that hold the stage, ring attention over its "cp" ranks (PP x CP: each stage is a ring, each pipeline
+carries one ring position's tokens; README section 4e), FSDP over the rest, and bf16 mixed precision.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -26,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
@@ -34,6 +39,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from minllama.core import LlamaConfig, MinimalLlama
 from minllama.core.model import rope_cache, rope_frequencies
 
+from .context_parallel import ContextParallel, apply_context_parallel, loss_share
 from .fsdp import apply_activation_checkpointing
 from .mesh import build_mesh, plan_mesh
 from .parallelize import shard_for_training
@@ -59,6 +65,7 @@ class LlamaStage(nn.Module):
         self.layers = nn.ModuleDict({str(i): block for i, block in layers.items()})
         self.norm, self.output = norm, output
         self.tp_size = 1  # set by parallelize.shard_for_training: between blocks each rank holds T/tp positions
+        self.context_parallel: ContextParallel | None = None  # the ring (build_pipeline sets it under PP x CP)
         self.register_buffer("rope", rope, persistent=False)  # (max_seq_len, head_dim/2, 2), in no checkpoint
 
     def forward(self, x: Tensor) -> Tensor:
@@ -67,15 +74,25 @@ class LlamaStage(nn.Module):
         positions 0..T-1 (``mask=None`` is SDPA's causal path, as in the full model).
 
         Under tensor parallel (sequence parallel between blocks) a stage receives and sends its rank's slice of
-        the sequence, (B, T/tp, dim): attention all-gathers the T positions, so RoPE must cover all T of them."""
-        T = x.shape[1] if self.tok_embeddings is not None else x.shape[1] * self.tp_size  # full sequence length
+        the sequence, (B, T/tp, dim): attention all-gathers the T positions, so RoPE must cover all T of them.
+        Under context parallel a stage holds its ring rank's L tokens (B, L, dim) (or L/tp under TP too), and
+        attention runs the ring: RoPE rotates them at their global positions (``positions``)."""
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # (B, T/tp, dim)
-        rope = self.rope[:T]  # (T, head_dim/2, 2)
+        rope = self.rope[self.positions(x)]  # (T, head_dim/2, 2)
         for block in self.layers.values():
             h = block(h, rope)
         if self.norm is not None:
             h = self.output(self.norm(h))  # (B, T, vocab)
         return h
+
+    def positions(self, x: Tensor) -> Tensor:
+        """The global positions of the tokens this rank's attention sees, (T,): 0 .. T-1, T the whole row (a stage
+        after the first receives T/tp of them under tensor parallel); or, while a context-parallel sequence is
+        active, this ring rank's L positions (its two load-balanced chunks, padding clamped into the table)."""
+        cp = self.context_parallel
+        if cp is not None and cp.layout is not None:
+            return cp.rope_positions(cp.layout, self.config.max_seq_len, x.device)  # (L,)
+        return torch.arange(x.shape[1] * (1 if self.tok_embeddings is not None else self.tp_size), device=x.device)
 
     def reset_rope(self, device=None) -> None:
         """Recompute the RoPE table (after ``to_empty``), as ``MinimalLlama.reset_rope`` does."""
@@ -123,7 +140,7 @@ def pipeline_mesh(device: torch.device, pp: int) -> DeviceMesh:
 
 
 def check_pipeline_args(cfg: LlamaConfig, world: int, pp: int, schedule: str, batch_size: int,
-                        microbatches: int, tp: int = 1) -> None:
+                        microbatches: int, tp: int = 1, cp: int = 1) -> None:
     """Refuse, with one clear ValueError, a pipeline that cannot be built (before any process group work)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
@@ -137,11 +154,12 @@ def check_pipeline_args(cfg: LlamaConfig, world: int, pp: int, schedule: str, ba
         options = [k for k in range(1, cfg.n_layers + 1) if cfg.n_layers % (k * per_rank) == 0]
         raise ValueError(f"{cfg.n_layers} layers do not split into {pp * per_rank} pipeline stages ({schedule}: "
                          f"{per_rank} per rank x --pp {pp}): choose --pp among {options or 'none: use 1f1b'}")
-    if world % (pp * tp):
-        what = f"{pp} stages" if tp == 1 else f"{pp} stages x --tp {tp} ranks each"
+    inner = [(name, n) for name, n in (("cp", cp), ("tp", tp)) if n > 1]  # the splits inside each stage
+    if world % (pp * cp * tp):
+        what = f"{pp} stages" + "".join(f" x --{name} {n}" for name, n in inner) + " ranks each" * bool(inner)
         raise ValueError(f"{world} ranks do not split into pipelines of {what}: run a multiple of --pp"
-                         f"{'' if tp == 1 else ' x --tp'} = {pp * tp} ranks")
-    dp = world // (pp * tp)
+                         f"{''.join(f' x --{name}' for name, _ in inner)} = {pp * cp * tp} ranks")
+    dp = world // (pp * cp * tp)
     if microbatches < 1 or batch_size % (dp * microbatches):
         raise ValueError(f"--batch-size {batch_size} does not split into {dp} data-parallel replica(s) x "
                          f"{microbatches} micro-batches: use a batch size that is a multiple of {dp * microbatches}")
@@ -158,12 +176,14 @@ class Pipeline:
         pass it to ``save_checkpoint`` / ``CheckpointManager`` / ``load_checkpoint`` like any model.
     stages: the ``PipelineStage``s this rank runs (1, or 2 for the interleaved schedule; they share ``model``'s
         modules). mesh: the ("pp", "dp_shard") mesh, or build_mesh's (pp, dp_shard, cp, tp) one.
+    context_parallel: the ring of this rank's stage under PP x CP (None without context parallel).
     """
 
     model: LlamaStage
     stages: list[PipelineStage]
     schedule: object
     mesh: DeviceMesh
+    context_parallel: ContextParallel | None = None
 
     @property
     def dp_rank(self) -> int:
@@ -177,9 +197,14 @@ class Pipeline:
     def tp_size(self) -> int:
         return self.mesh["tp"].size() if "tp" in self.mesh.mesh_dim_names else 1
 
+    @property
+    def cp_size(self) -> int:
+        return 1 if self.context_parallel is None else self.context_parallel.world
+
 
 def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, schedule: str = "1f1b",
-                   microbatches: int = 4, activation_checkpointing: bool = False) -> Pipeline:
+                   microbatches: int = 4, activation_checkpointing: bool = False,
+                   param_dtype: torch.dtype | None = None) -> Pipeline:
     """Cut ``model`` into stages, keep this rank's, shard it over "dp_shard" (FSDP2, when that dimension has more
     than one rank) and build the schedule. Every rank calls it with the same, full ``model`` (e.g. drawn from one
     seed); the other ranks' layers are dropped with ``model``.
@@ -187,12 +212,19 @@ def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, 
     Stage placement: with S = pp x stages-per-rank stages, rank r of the pipeline runs stages r, r + pp, ...
     (the interleaved schedule's "looped" layout: rank 0 owns layers of the first and the third quarter).
 
-    ``mesh`` may also be ``build_mesh``'s (pp, dp_shard, cp, tp) mesh (cp = 1): each stage is then tensor
-    parallel over "tp" (``parallelize.shard_for_training``: sequence parallel between blocks, so the activations
-    sent between stages are each rank's (B/m, T/tp, dim) slice; the last stage's logits stay vocabulary-sharded
-    and the loss is loss-parallel), then FSDP over "dp_shard": TP first, as ``parallelize_llama`` does. The
-    stages learn the shapes they receive from the first micro-batch (PyTorch's runtime shape inference), so the
-    local shapes need not be spelled out.
+    ``mesh`` may also be ``build_mesh``'s (pp, dp_shard, cp, tp) mesh: each stage is then tensor parallel over
+    "tp" (``parallelize.shard_for_training``: sequence parallel between blocks, so the activations sent between
+    stages are each rank's (B/m, T/tp, dim) slice; the last stage's logits stay vocabulary-sharded and the loss is
+    loss-parallel), then FSDP over "dp_shard": TP first, as ``parallelize_llama`` does. With cp > 1 each stage's
+    attention runs the ring over "cp" (the ranks that hold the same stage at other ring positions): a pipeline
+    carries one ring rank's L tokens (B/m, L, dim) from stage to stage, its last stage scores them with the ring
+    rank's share of the loss, and FSDP shards and averages over dp_shard x cp. The stages learn the shapes they
+    receive from the first micro-batch (PyTorch's runtime shape inference), so the local shapes need not be
+    spelled out.
+
+    ``param_dtype`` (e.g. torch.bfloat16): the stages compute in it and send activations in it; FSDP's
+    ``MixedPrecisionPolicy`` keeps the sharded master weights and AdamW in fp32 and sums the gradients of the
+    micro-batches and replicas in fp32 (FSDP is then applied even over a "dp_shard" of one rank, for the casts).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
@@ -201,10 +233,12 @@ def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, 
         # older schedules summed the micro-batches' gradients (m times the one-process gradient), silently
         raise RuntimeError(f"PyTorch {torch.__version__}'s pipeline schedules do not average gradients over "
                            "micro-batches (no scale_grads): minllama.dist.pipeline needs PyTorch 2.7 or newer")
-    pp_mesh, dp_mesh = mesh["pp"], mesh["dp_shard"]
+    pp_mesh, dp_mesh, ring = mesh["pp"], mesh["dp_shard"], None
     if "cp" in mesh.mesh_dim_names and mesh["cp"].size() > 1:
-        raise ValueError(f"cp={mesh['cp'].size()}: a pipeline does not compose with context parallel in this "
-                         "version: use --pp with --tp and/or FSDP, or --cp without --pp")
+        # every attention becomes ring-capable over this rank's "cp" group (the same stage at the other ring
+        # positions); each ring rank's loss is a share of the same rows' loss: gradients average over dp x cp
+        ring = apply_context_parallel(model, mesh["cp"].get_group())
+        dp_mesh = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")  # as parallelize_llama does
     pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
     n_stages = pp * STAGES_PER_RANK[schedule]
     ranges = split_layers(model.config.n_layers, n_stages)
@@ -214,6 +248,7 @@ def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, 
     owned = chunks[0] if len(chunks) == 1 else cut_stage(model, everything, 0 in mine, n_stages - 1 in mine)
     for part in [*chunks, owned]:  # (the modules are shared; each part also holds its own reference to the rope)
         part.to(device)
+        part.context_parallel = ring
     if "tp" in mesh.mesh_dim_names and mesh["tp"].size() > 1:
         shard_for_training(owned, mesh["tp"])  # the modules of every chunk are owned's: sharded once
         for chunk in chunks:
@@ -221,17 +256,25 @@ def build_pipeline(model: MinimalLlama, mesh: DeviceMesh, device: torch.device, 
     if activation_checkpointing:  # keep only each block's input per micro-batch; recompute the rest in backward
         for block in owned.layers.values():
             apply_activation_checkpointing(block)
-    if dp_mesh.size() > 1:
+    if dp_mesh.size() > 1 or param_dtype is not None:
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in owned.layers.values():  # one FSDP group per block, as apply_fsdp does
             # keep the gathered weights from forward to backward: a block runs once per micro-batch, resharding
             # after each forward would all-gather it m times more
-            fully_shard(block, mesh=dp_mesh, reshard_after_forward=False)
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
         for chunk in chunks:  # the embedding / norm + head of this stage
-            fully_shard(chunk, mesh=dp_mesh, reshard_after_forward=False)
+            fully_shard(chunk, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
     group = pp_mesh.get_group()
     stages = [PipelineStage(chunk, s, n_stages, device, group=group) for chunk, s in zip(chunks, mine)]
-    sched = runner(stages if len(stages) > 1 else stages[0], n_microbatches=microbatches, loss_fn=lm_loss)
-    return Pipeline(owned, stages, sched, mesh)
+    loss_fn = lm_loss if ring is None else functools.partial(_ring_share_loss, ring)
+    sched = runner(stages if len(stages) > 1 else stages[0], n_microbatches=microbatches, loss_fn=loss_fn)
+    return Pipeline(owned, stages, sched, mesh, ring)
+
+
+def _ring_share_loss(ring: ContextParallel, logits: Tensor, targets: Tensor) -> Tensor:
+    """The last stage's loss of one micro-batch under PP x CP: this ring rank's share (``loss_share``). logits
+    (b, L, vocab), targets (b, L) from ``ContextParallel.shard_tokens``; T is the active sequence's length."""
+    return loss_share(logits, targets, ring.world, ring.layout.seq_len)
 
 
 def clip_grad_norm_(pipe: Pipeline, max_norm: float) -> Tensor:
@@ -253,17 +296,28 @@ def pipeline_forward_backward(pipe: Pipeline, tokens: Tensor) -> Tensor | None:
     schedule's order; afterwards each rank's parameters hold their gradients (averaged over micro-batches and, with
     FSDP, over replicas: the gradient of the mean loss over the global batch). Every stage of one pipeline gets
     the same rows: the first feeds them in, the last scores against them. Returns the replica's mean loss on the
-    rank that holds the last stage, None elsewhere."""
-    if (tokens.shape[1] - 1) % pipe.tp_size:
-        raise ValueError(f"{tokens.shape[1] - 1} tokens per row do not split over tp={pipe.tp_size} ranks: "
-                         f"sequence parallel needs a --seq-len that is a multiple of {pipe.tp_size}")
+    rank that holds the last stage, None elsewhere (under PP x CP: this ring rank's share of it).
+
+    Under PP x CP every stage runs inside the ring's ``sequence``: the ranks of a ring hold the same stage, and
+    each pipeline carries one ring position's tokens from the first stage to the last."""
+    ring, tp = pipe.context_parallel, pipe.tp_size
+    if ring is None and (tokens.shape[1] - 1) % tp:
+        raise ValueError(f"{tokens.shape[1] - 1} tokens per row do not split over tp={tp} ranks: "
+                         f"sequence parallel needs a --seq-len that is a multiple of {tp}")
     losses: list[Tensor] = []
-    inputs = (tokens[:, :-1],) if pipe.stages[0].is_first else ()  # (b, T): only the first stage reads tokens
     # newer PyTorch can skip gathering the last stage's logits into one tensor: nobody reads them here
     skip = {"return_outputs": False} if "return_outputs" in inspect.signature(pipe.schedule.step).parameters else {}
-    # vocabulary-sharded logits (tp > 1): the loss *and its backward* run inside loss_parallel (parallelize.py)
-    with loss_parallel() if pipe.tp_size > 1 else contextlib.nullcontext():
-        pipe.schedule.step(*inputs, target=tokens, losses=losses, **skip)
+    # the ring's layout stays active through the whole schedule: backward (and activation checkpointing's
+    # recomputed forward) runs the ring again; vocabulary-sharded logits (tp > 1): the loss *and its backward* run
+    # inside loss_parallel (parallelize.py)
+    with (ring.sequence(tokens.shape[1] - 1) if ring else contextlib.nullcontext(),
+          loss_parallel() if tp > 1 else contextlib.nullcontext()):
+        if ring is None:
+            inputs, target = tokens[:, :-1], tokens  # (b, T), (b, T+1): lm_loss shifts the targets itself
+        else:
+            inputs, target = ring.shard_tokens(tokens, tp)  # this ring rank's (b, L) each, targets -100 at padding
+        first = (inputs,) if pipe.stages[0].is_first else ()  # only the first stage reads tokens
+        pipe.schedule.step(*first, target=target, losses=losses, **skip)
     losses = [loss.to_local() if isinstance(loss, DTensor) else loss for loss in losses]  # replicated over tp
     return torch.stack(losses).mean().detach() if losses else None  # equal micro-batches: mean of means
 
@@ -276,22 +330,24 @@ def pipeline_train_step(pipe: Pipeline, optimizer, tokens: Tensor, max_grad_norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss = loss if loss is not None else torch.zeros((), device=tokens.device)
-    dist.all_reduce(loss)  # only the last stage's ranks hold a loss (one per replica and tp rank): the sum is theirs
-    return float(loss) / (pipe.dp_size * pipe.tp_size)
+    # only the last stage's ranks hold a loss: one per replica, ring rank (a share) and tp rank (a copy)
+    dist.all_reduce(loss)
+    return float(loss) / (pipe.dp_size * pipe.cp_size * pipe.tp_size)
 
 
 def pipeline_for_training(cfg: LlamaConfig, seed: int, device: torch.device, pp: int, schedule: str,
                           microbatches: int, batch_size: int, activation_checkpointing: bool = False,
-                          tp: int = 1) -> Pipeline:
+                          tp: int = 1, cp: int = 1, param_dtype: torch.dtype | None = None) -> Pipeline:
     """What ``apps/train.py --pp`` calls: check the options, build the mesh, draw the initial weights and cut.
 
     Every rank draws the *full* model from ``seed`` on the CPU (the numbers of one process, ``init_from_rank0``'s
     too, so runs on any layout start equal) and keeps its stages: fine at tutorial sizes; a large model would be
     built on the meta device and filled from a checkpoint (``load_checkpoint`` reads just this rank's tensors)."""
-    check_pipeline_args(cfg, dist.get_world_size(), pp, schedule, batch_size, microbatches, tp)
+    world = dist.get_world_size()
+    check_pipeline_args(cfg, world, pp, schedule, batch_size, microbatches, tp, cp)
     torch.manual_seed(seed)
     full = MinimalLlama(cfg)
     full.init_weights()
-    mesh = pipeline_mesh(device, pp) if tp == 1 else build_mesh(plan_mesh(dist.get_world_size(), pp=pp, tp=tp),
-                                                                 device.type)
-    return build_pipeline(full, mesh, device, schedule, microbatches, activation_checkpointing)
+    mesh = pipeline_mesh(device, pp) if tp == cp == 1 else build_mesh(plan_mesh(world, pp=pp, cp=cp, tp=tp),
+                                                                      device.type)
+    return build_pipeline(full, mesh, device, schedule, microbatches, activation_checkpointing, param_dtype)
