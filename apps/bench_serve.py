@@ -178,6 +178,33 @@ def speculation(model, tokenizer, quick: bool) -> list[dict]:
     return rows
 
 
+def step_costs(model) -> str:
+    """What bounds batching on this machine: one decode step at batch 1 and at batch 16 (static cache, 200 tokens of
+    context, median of 20) and prefill speed (256 tokens), on the model as loaded."""
+    from minllama.core.cache import StaticKVCache
+
+    vocab, step = model.config.vocab_size, {}
+    g = torch.Generator().manual_seed(0)
+    for B in (1, 16):
+        cache = StaticKVCache(model, B, 256)
+        model(torch.randint(100, vocab, (B, 200), generator=g), cache.reserve(200), cache=cache, last_only=True)
+        times = []
+        for _ in range(25):
+            start = time.perf_counter()
+            model(torch.randint(100, vocab, (B, 1), generator=g), cache.reserve(1), cache=cache)
+            times.append(time.perf_counter() - start)
+        step[B] = statistics.median(times[5:])  # the first steps of a shape build their kernels
+    prompt = torch.randint(100, vocab, (1, 256), generator=g)
+    for _ in range(2):  # the second run is timed
+        cache = StaticKVCache(model, 1, 256)
+        start = time.perf_counter()
+        model(prompt, cache.reserve(256), cache=cache, last_only=True)
+        prefill = 256 / (time.perf_counter() - start)
+    return (f"# one decode step: batch 1 {1000 * step[1]:.1f} ms, batch 16 {1000 * step[16]:.1f} ms "
+            f"({step[16] / step[1]:.2f}x: batch 16 decodes at most {16 * step[1] / step[16]:.1f}x as fast as "
+            f"batch 1); prefill {prefill:.0f} tok/s (256 tokens)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -186,6 +213,7 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
+    p.add_argument("--step-costs", action="store_true", help="print only the per-step costs that bound batching")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and compute of every system (fp32: each answer is exactly its one-at-a-time answer)")
     args = p.parse_args(argv)
@@ -203,6 +231,10 @@ def main(argv=None) -> None:
     print(f"# {args.dtype}")
     model, tokenizer = load_pretrained("smollm2-135m-instruct", dtype=dtype)
     vocab = model.config.vocab_size
+    with torch.no_grad():
+        print(step_costs(model), flush=True)
+    if args.step_costs:
+        return
     scale = 0.2 if args.quick else 1.0
     jobs = workload(args.requests, vocab, seed=0, scale=scale)
     system = [random.Random(1).randrange(100, vocab) for _ in range(64 if args.quick else 500)]
