@@ -261,10 +261,16 @@ class Engine:
         return False
 
     # ------------------------------------------------------------------ prefix cache
+    def _block_hash(self, previous: int, tokens: Sequence[int], i: int) -> int:
+        """The name of block i of ``tokens``: the hash of the previous block's name and this block's tokens, so it
+        names the whole prefix up to the block's end, not just the block."""
+        bs = self.cache.block_size
+        return hash((previous, tuple(tokens[i * bs:(i + 1) * bs])))
+
     def _prefix_hashes(self, tokens: Sequence[int], n_blocks: int) -> Iterator[int]:
-        h, bs = 0, self.cache.block_size
+        h = 0
         for i in range(n_blocks):
-            h = hash((h, tuple(tokens[i * bs:(i + 1) * bs])))  # names the whole prefix, not just this block
+            h = self._block_hash(h, tokens, i)
             yield h
 
     def _cached_prefix(self, tokens: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -291,7 +297,7 @@ class Engine:
         table, bs = self.cache.tables[seq.request.id], self.cache.block_size
         while seq.fed == len(table) * bs and (len(table) + 1) * bs <= len(seq.tokens) - 1:
             i = len(table)  # the next block to fill is a full block of the prompt: is it cached?
-            h = hash((seq.hashes[-1] if seq.hashes else 0, tuple(seq.tokens[i * bs:(i + 1) * bs])))
+            h = self._block_hash(seq.hashes[-1] if seq.hashes else 0, seq.tokens, i)
             block = self.cached.get(h)
             if block is None:
                 return
@@ -309,7 +315,7 @@ class Engine:
         table, bs = self.cache.tables[seq.request.id], self.cache.block_size
         while len(seq.hashes) < seq.fed // bs:  # a block just filled up
             i = len(seq.hashes)
-            h = hash((seq.hashes[-1] if seq.hashes else 0, tuple(seq.tokens[i * bs:(i + 1) * bs])))
+            h = self._block_hash(seq.hashes[-1] if seq.hashes else 0, seq.tokens, i)
             seq.hashes.append(h)
             if h not in self.cached and table[i] not in self.block_hash:  # else: that prefix is cached already
                 self.cached[h], self.block_hash[table[i]] = table[i], h

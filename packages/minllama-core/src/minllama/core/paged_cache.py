@@ -100,10 +100,9 @@ class PagedKVCache(KVCache):
         """Start a sequence, optionally on full blocks that already hold its first tokens (a shared prefix)."""
         if seq_id in self.tables:
             raise ValueError(f"sequence {seq_id} is already in the cache")
+        self.tables[seq_id], self.lengths[seq_id] = [], 0
         for block in shared_blocks:
-            self.pool.share(block)
-        self.tables[seq_id] = list(shared_blocks)
-        self.lengths[seq_id] = len(shared_blocks) * self.block_size
+            self.share(seq_id, block)
 
     def share(self, seq_id: int, block: int) -> None:
         """Append a full block that already holds this sequence's next ``block_size`` tokens (a cached prefix)."""
