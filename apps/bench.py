@@ -27,9 +27,11 @@ import time
 
 import torch
 
+from minllama.core.dtypes import DTYPES as CORE_DTYPES
+
 MODEL = "smollm2-135m-instruct"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}  # the dtypes measured, as the table names them
+DTYPES = {name: CORE_DTYPES[name] for name in SHORT}
 
 
 def peak_memory_mb(device: str) -> float:
@@ -246,7 +248,7 @@ def main() -> None:
     if unknown := [d for d in dtypes if d not in DTYPES]:
         p.error(f"--dtypes: unknown {', '.join(unknown)}; use {', '.join(DTYPES)}")
 
-    from minllama.core.dtypes import default_dtype
+    from minllama.core.dtypes import cpu_flags, default_dtype
 
     impls = ["minllama"] + (["minllama@baseline"] if args.baseline else []) + ([] if args.no_hf else ["transformers"])
     modes = [f"{mode} {SHORT[d]}" for d in dtypes for mode in (["eager"] if args.no_compile else ["eager", "compiled"])]
@@ -256,8 +258,6 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; prefill {args.prompt_len} tokens, decode {args.new_tokens} tokens at "
           f"batch 1; {args.runs} run(s) each; load average {loads[0]:.1f} on {cores} cores")
     if args.device == "cpu":
-        from minllama.core.dtypes import cpu_flags
-
         bf16 = sorted({"avx512_bf16", "amx_bf16"} & (cpu_flags() or set()))
         print(f"CPU: {torch.backends.cpu.get_cpu_capability()} kernels, bf16 arithmetic: {', '.join(bf16) or 'none'}; "
               f"the default dtype here (dtype 'auto'): {str(default_dtype('cpu')).removeprefix('torch.')}")
