@@ -4,7 +4,7 @@ import torch
 
 from kernels_helpers import TOLERANCE
 from minllama.kernels import decode_attention
-from minllama.kernels.decode_attention import decode_attention_reference
+from minllama.kernels.decode_attention_kernel import decode_attention_reference
 
 
 @pytest.mark.parametrize("Hq,Hk", [(4, 4), (4, 2), (3, 1)])  # MHA, GQA, MQA

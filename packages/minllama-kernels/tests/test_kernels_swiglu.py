@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from kernels_helpers import compare, leaf
 from minllama.kernels import swiglu
-from minllama.kernels.swiglu import SwiGLUFunction
+from minllama.kernels.swiglu_kernel import SwiGLUFunction
 
 
 def reference(g, u):

@@ -7,19 +7,29 @@ decode attention).
 
 Every kernel has a PyTorch fallback, used where Triton cannot run (a CPU without TRITON_INTERPRET=1, no triton).
 
-    from minllama.kernels import use_cpu_gemv
-    use_cpu_gemv(model)                   # batch-1 decode on a CPU: the C++ AVX-512 GEMV for every nn.Linear
+    from minllama.kernels import use_cpu_decode
+    use_cpu_decode(model)                 # batch-1 decode on a CPU: each one-token step's layers in C++ (AVX-512)
 """
-from .swap import (KernelAttention, KernelFeedForward, KernelRMSNorm, KernelTransformerBlock, apply, fused_loss,
-                    is_applied, remove)
-from .cpu_gemv import GemvLinear, remove_cpu_gemv, use_cpu_gemv
-from .cross_entropy import fused_linear_cross_entropy
-from .decode_attention import decode_attention
-from .rmsnorm import rms_norm
-from .rope import rope_qk
-from .runtime import interpreting, triton_usable
-from .swiglu import swiglu
+import importlib
 
-__all__ = ["apply", "remove", "is_applied", "fused_loss", "fused_linear_cross_entropy", "decode_attention", "rms_norm",
-           "rope_qk", "swiglu", "triton_usable", "interpreting", "KernelRMSNorm", "KernelAttention",
-           "KernelFeedForward", "KernelTransformerBlock", "use_cpu_gemv", "remove_cpu_gemv", "GemvLinear"]
+# name -> the submodule that defines it. Imported on first use (PEP 562), so that the CPU decode path
+# (``minllama.kernels.cpu_decode``) does not load Triton: ~50 MB of memory and ~0.1 s it never uses.
+_WHERE = {
+    **dict.fromkeys(["KernelAttention", "KernelFeedForward", "KernelRMSNorm", "KernelTransformerBlock", "apply",
+                     "fused_loss", "is_applied", "remove"], "swap"),
+    **dict.fromkeys(["GemvLinear", "remove_cpu_gemv", "use_cpu_gemv"], "cpu_gemv"),
+    **dict.fromkeys(["use_cpu_decode", "remove_cpu_decode", "cpu_decode_unsupported"], "cpu_decode"),
+    "fused_linear_cross_entropy": "cross_entropy", "decode_attention": "decode_attention_kernel",
+    "rms_norm": "rmsnorm", "rope_qk": "rope", "swiglu": "swiglu_kernel", "interpreting": "runtime",
+    "triton_usable": "runtime",  # (a module named like its function would shadow it once imported: hence _kernel)
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    try:  # a submodule, as an attribute (minllama.kernels.runtime)
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'minllama.kernels' has no attribute {name!r}") from None

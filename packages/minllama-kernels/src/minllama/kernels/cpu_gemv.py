@@ -4,10 +4,10 @@ Why: generating one token multiplies a (1, K) activation by every (N, K) weight 
 2 flops per weight read (one multiply, one add), while a CPU core does ~32 fp32 flops per cycle: the arithmetic is
 free, and a decode step takes as long as reading all the weights from DRAM. The figure of merit is GB/s = weight
 bytes / time, against the machine's read bandwidth. PyTorch's ``aten::mm`` for a (1, K) x (K, N) product reaches
-only part of it (see ``benchmarks/gemv_bandwidth.py``); the kernel in ``csrc/cpu_gemv.cpp`` reads each weight row
-front to back, once, with AVX-512 loads and fused multiply-adds, and splits the rows over threads.
+only part of it (see ``benchmarks/gemv_bandwidth.py``); the kernel in ``csrc/gemv.h`` reads each weight row front to
+back, once, with AVX-512 loads and fused multiply-adds, and splits the rows over threads.
 
-It is a C++ extension built on first use by ``torch.utils.cpp_extension`` (g++ and the Python headers: the same
+It is part of a C++ extension (``csrc/cpu_kernels.cpp``, which also holds ``cpu_decode``'s decoder layer) built on first use by ``torch.utils.cpp_extension`` (g++ and the Python headers: the same
 toolchain ``torch.compile`` needs on a CPU), ~30-40 s on 2 cores, then cached per user under
 ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and loaded in well under a second. Where it
 cannot run (no AVX-512, no compiler, a failed build) ``gemv`` is ``F.linear`` and ``use_cpu_gemv`` changes nothing.
@@ -15,6 +15,7 @@ cannot run (no AVX-512, no compiler, a failed build) ``gemv`` is ``F.linear`` an
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import warnings
@@ -25,8 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"]
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"  # includes csrc/gemv.h
+EXTENSION = "minllama_cpu_kernels"
+# -fopenmp: at::parallel_for is inline OpenMP code; compiled without it, it silently runs on one thread (half the
+# bandwidth on 2 cores). The OpenMP runtime it links is the one torch already loaded (libgomp.so.1).
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
 
 
 def cpu_gemv_supported() -> str | None:
@@ -59,12 +63,31 @@ def _extension():
     reason = cpu_gemv_supported()
     if reason is None:
         try:
-            from torch.utils.cpp_extension import load
-            return load("minllama_cpu_gemv", [str(SOURCE)], extra_cflags=FLAGS)
+            return _cpp_extension().load(EXTENSION, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                        extra_include_paths=[str(SOURCE.parent)])
         except Exception as error:  # a broken toolchain must not break inference: fall back, say why once
             reason = f"building {SOURCE.name} failed: {error}"
     warnings.warn(f"minllama.kernels.cpu_gemv falls back to F.linear: {reason}", stacklevel=3)
     return None
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its import-time warning about CUDA on a machine without CUDA
+    (this extension is for the CPU): a chat app's output stays clean."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.ERROR)
+    import torch.utils.cpp_extension
+    return torch.utils.cpp_extension
+
+
+def extension_built() -> bool:
+    """Has this machine already built the extension (so that loading it takes a fraction of a second)? A guess from
+    the build folder, for a "building, once" message; ``_extension`` decides, and rebuilds if the source changed."""
+    try:
+        return any(Path(_cpp_extension()._get_build_directory(EXTENSION, verbose=False)).glob(f"{EXTENSION}*.so"))
+    except Exception:
+        return False
 
 
 def cpu_gemv_usable() -> bool:

@@ -14,11 +14,11 @@ from torch import Tensor
 from minllama.core.model import Attention, FeedForward, MinimalLlama, RMSNorm, TransformerBlock
 
 from .cross_entropy import fused_linear_cross_entropy
-from .decode_attention import decode_attention
+from .decode_attention_kernel import decode_attention
 from .rmsnorm import rms_norm
 from .rope import rope_qk
 from .runtime import triton_usable
-from .swiglu import swiglu
+from .swiglu_kernel import swiglu
 
 
 class KernelRMSNorm(RMSNorm):

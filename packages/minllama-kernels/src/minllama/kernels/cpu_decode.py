@@ -1,0 +1,108 @@
+"""Batch-1 decoding on a CPU with one C++ call per decoder layer, and the swap that applies it to a model.
+
+Why: a decode step of a small model is not limited by arithmetic but by two other things. Its matrix-vector
+products must stream every weight from memory once (``cpu_gemv``: the bandwidth bound), and in between come
+hundreds of tiny operations (norms, RoPE, a softmax over one query, residual adds) that each cost PyTorch a few
+microseconds of dispatch for a few nanoseconds of work. On SmolLM2-135M those two halves take about as long as
+each other (``apps/profile_decode.py``). ``csrc/cpu_kernels.cpp`` does a whole layer for one token in one call:
+the same steps as core's ``TransformerBlock``, in the same order, with the GEMVs spread over the threads. What is
+left in Python per token is a loop over the layers.
+
+``use_cpu_decode(model)`` changes the class of a core ``MinimalLlama`` (in place, weights untouched) so that its
+``forward`` takes the fast path exactly when it can: one token of one sequence, a ``StaticKVCache``, no padding,
+no gradient, not being traced by ``torch.compile``, on the CPU. Everything else (prefill, batches, training, other
+caches) is the model's own ``forward``. Where the extension cannot be had, or the model is not plain core layers
+in fp32/bf16 (LoRA, quantized or tensor-parallel linears, another attention), nothing changes and the reason is
+in ``cpu_decode_unsupported(model)``. ``remove_cpu_decode(model)`` undoes it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from minllama.core.cache import StaticKVCache
+from minllama.core.model import Attention, FeedForward, MinimalLlama, RMSNorm, TransformerBlock
+
+from . import cpu_gemv
+
+
+def cpu_decode_unsupported(model: nn.Module) -> str | None:
+    """None when ``use_cpu_decode`` can take over this model's one-token steps, else the reason why not."""
+    if not isinstance(model, MinimalLlama):
+        return f"not a MinimalLlama: {type(model).__name__}"
+    if (reason := cpu_gemv.cpu_gemv_supported()) is not None:
+        return reason
+    weight = model.norm.weight
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return f"the C++ layer runs fp32 or bf16 weights on the CPU; this model is {weight.dtype} on {weight.device}"
+    if type(model.output) is not nn.Linear and type(model.output) is not cpu_gemv.GemvLinear:
+        return f"the head is a {type(model.output).__name__}, not a plain nn.Linear"
+    for i, layer in enumerate(model.layers):
+        parts = {"block": (layer, TransformerBlock), "attention": (layer.attention, Attention),
+                 "feed_forward": (layer.feed_forward, FeedForward), "attention_norm": (layer.attention_norm, RMSNorm),
+                 "ffn_norm": (layer.ffn_norm, RMSNorm)}
+        for name, (module, core_class) in parts.items():
+            if type(module) is not core_class:
+                return f"layer {i}'s {name} is a {type(module).__name__}, not core's {core_class.__name__}"
+        for name, module in (*layer.attention.named_children(), *layer.feed_forward.named_children()):
+            if type(module) not in (nn.Linear, cpu_gemv.GemvLinear) or module.bias is not None:
+                return f"layer {i}'s {name} is a {type(module).__name__}, not a plain nn.Linear without bias"
+        if any(p.dtype != weight.dtype for p in layer.parameters()):
+            return f"layer {i} mixes dtypes"
+    return None
+
+
+def cpu_decode_usable(model: nn.Module) -> bool:
+    return cpu_decode_unsupported(model) is None and cpu_gemv.cpu_gemv_usable()
+
+
+class CpuDecodeMixin:
+    """Put before the model's own class (``use_cpu_decode`` does it): a one-token step runs the C++ layers."""
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, pad: Tensor | None = None,
+                last_only: bool = False, cache=None) -> Tensor:
+        if not self._one_token_step(tokens, input_pos, pad, cache):
+            return super().forward(tokens, input_pos, pad, last_only, cache)
+        ext = cpu_gemv._extension()
+        pos = int(input_pos[0])
+        rope = self.rope[pos].float()  # (head_dim/2, 2): cos, sin of this position (bf16 in a model cast to bf16)
+        eps = self.config.norm_eps
+        x = self.tok_embeddings.weight[int(tokens[0, 0])].float().clone()  # (dim,) fp32: the residual stream
+        for layer in self.layers:  # each call updates x and writes slot `pos` of the layer's cache, in place
+            attn, ff = layer.attention, layer.feed_forward
+            weights = [layer.attention_norm.weight, attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.wo.weight,
+                       layer.ffn_norm.weight, ff.w1.weight, ff.w2.weight, ff.w3.weight]
+            ext.decoder_layer(x, weights, cache.k[layer.layer_index], cache.v[layer.layer_index], rope, pos, eps,
+                              attn.n_heads)
+        h = x * torch.rsqrt(x.pow(2).mean() + eps) * self.norm.weight.float()  # the final RMSNorm, fp32
+        logits = ext.gemv(h, self.output.weight)  # (vocab,) fp32
+        return logits.to(self.norm.weight.dtype).view(1, 1, -1)  # (B=1, T=1, vocab), the model's dtype
+
+    def _one_token_step(self, tokens: Tensor, input_pos, pad, cache) -> bool:
+        return (tokens.shape == (1, 1) and pad is None and input_pos is not None and type(cache) is StaticKVCache
+                and tokens.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and cache.k[0].dtype == self.norm.weight.dtype)
+
+
+_classes: dict[type, type] = {}  # model class -> its CpuDecodeMixin subclass (one per class, so isinstance holds)
+
+
+def use_cpu_decode(model: MinimalLlama) -> MinimalLlama:
+    """Make ``model``'s one-token CPU steps run the C++ decoder layers, in place; returns the model.
+
+    Unchanged (and ``cpu_decode_unsupported`` says why) when it cannot apply. The first call ever builds the
+    extension (~20-40 s, then cached); ``cpu_gemv`` warns once if the build fails, and the model stays as it was."""
+    if isinstance(model, CpuDecodeMixin) or not cpu_decode_usable(model):
+        return model
+    cls = type(model)
+    if cls not in _classes:
+        _classes[cls] = type(f"CpuDecode{cls.__name__}", (CpuDecodeMixin, cls), {"__module__": cls.__module__})
+    model.__class__ = _classes[cls]
+    return model
+
+
+def remove_cpu_decode(model: MinimalLlama) -> MinimalLlama:
+    if isinstance(model, CpuDecodeMixin):
+        model.__class__ = type(model).__mro__[2]  # the class it had: (CpuDecodeX, CpuDecodeMixin, X, ...)
+    return model

@@ -1,0 +1,162 @@
+"""The C++ decoder layer against core's model (the oracle): the same logits and cache at every decode step, fp32
+and bf16, on a config where no width is a multiple of 16 and heads are grouped; the swap takes only the steps it
+can and refuses models it cannot run. Skipped, with the reason, where the extension cannot be built."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from minllama.core.cache import StaticKVCache
+from minllama.core.config import LlamaConfig, RopeScaling
+from minllama.core.generate import generate
+from minllama.core.model import MinimalLlama
+from minllama.kernels import cpu_gemv
+from minllama.kernels.cpu_decode import CpuDecodeMixin, cpu_decode_unsupported, remove_cpu_decode, use_cpu_decode
+
+REASON = cpu_gemv.cpu_gemv_supported()
+needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"CPU kernels unavailable: {REASON}")
+
+
+def odd_model(**overrides) -> MinimalLlama:
+    torch.manual_seed(0)  # dim 40, hidden 100, head_dim 10: ragged tails everywhere; 4 query heads share 2 kv heads
+    cfg = LlamaConfig.from_name("tiny-gqa", dim=40, hidden_dim=100, **overrides)
+    model = MinimalLlama(cfg).eval()
+    with torch.no_grad():  # weights of a trained model's scale, so that attention is not uniform
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def rounded_to_bf16(model: MinimalLlama) -> MinimalLlama:
+    """An fp32 copy whose weights and RoPE table are the bf16 model's numbers: the oracle for the bf16 path, which
+    computes in fp32 on bf16 weights."""
+    return copy.deepcopy(model).bfloat16().float()
+
+
+def steps(model, tokens, prompt_len):
+    """Prefill ``prompt_len`` tokens, then decode the rest one at a time: each step's logits, and the cache."""
+    cache = StaticKVCache(model, 1, tokens.shape[1] + 3)
+    out = []
+    with torch.no_grad():
+        model(tokens[:, :prompt_len], cache.reserve(prompt_len), cache=cache)
+        for t in range(prompt_len, tokens.shape[1]):
+            out.append(model(tokens[:, t:t + 1], cache.reserve(1), cache=cache).float())  # (1, 1, vocab)
+    return torch.cat(out, 1), cache
+
+
+class CountingExtension:
+    """Stands in for the built extension: counts the decoder-layer calls, then runs the real ones."""
+
+    def __init__(self, ext):
+        self.ext, self.layers = ext, 0
+
+    def decoder_layer(self, *args):
+        self.layers += 1
+        return self.ext.decoder_layer(*args)
+
+    def gemv(self, *args):
+        return self.ext.gemv(*args)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rope_scaling", [None, RopeScaling(factor=8.0, original_max_seq_len=16)])
+def test_fp32_decode_steps_equal_the_model(rope_scaling):
+    model = odd_model(rope_scaling=rope_scaling)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(1))
+    want, want_cache = steps(model, tokens, 5)
+    fast = use_cpu_decode(copy.deepcopy(model))
+    assert isinstance(fast, CpuDecodeMixin) and isinstance(fast, MinimalLlama)
+    got, got_cache = steps(fast, tokens, 5)  # 65 steps: attention over up to 70 slots
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip((*got_cache.k, *got_cache.v), (*want_cache.k, *want_cache.v)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_bf16_decode_steps_compute_in_fp32_on_the_bf16_weights():
+    model = odd_model()
+    tokens = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(2))
+    oracle, _ = steps(rounded_to_bf16(model), tokens, 4)
+    got, cache = steps(use_cpu_decode(copy.deepcopy(model).bfloat16()), tokens, 4)
+    assert cache.k[0].dtype == torch.bfloat16
+    # the only rounding the oracle does not do: keys and values are stored in bf16 (8 bits of mantissa)
+    torch.testing.assert_close(got, oracle, rtol=0, atol=0.02 * oracle.abs().max().item())
+    plain, _ = steps(copy.deepcopy(model).bfloat16(), tokens, 4)  # eager bf16 rounds every activation too
+    assert (got - oracle).abs().max() < (plain - oracle).abs().max()
+
+
+@needs_kernel
+def test_greedy_generation_is_unchanged():
+    model = odd_model()
+    prompts = [[1, 2, 3, 4, 5]]
+    want = generate(model, prompts, 24)
+    assert generate(use_cpu_decode(model), prompts, 24) == want
+
+
+@needs_kernel
+def test_only_one_token_steps_of_one_sequence_without_grad_take_the_fast_path(monkeypatch):
+    model = use_cpu_decode(odd_model())
+    spy = CountingExtension(cpu_gemv._extension())
+    monkeypatch.setattr(cpu_gemv, "_extension", lambda: spy)
+    n_layers, vocab = model.config.n_layers, model.config.vocab_size
+    one = torch.tensor([[7]])
+    with torch.no_grad():
+        cache = StaticKVCache(model, 1, 16)
+        model(torch.tensor([[1, 2, 3]]), cache.reserve(3), cache=cache)  # prefill
+        assert spy.layers == 0
+        model(one, cache.reserve(1), cache=cache)
+        assert spy.layers == n_layers
+        model(one)  # no cache
+        batch = StaticKVCache(model, 2, 16)
+        model(torch.tensor([[7], [8]]), batch.reserve(1), cache=batch)  # two sequences
+        padded = StaticKVCache(model, 1, 16)
+        model(one, padded.reserve(1), pad=torch.tensor([0]), cache=padded)  # left padding: core's masks
+        assert spy.layers == n_layers
+    logits = model(one, cache.reserve(1), cache=cache)  # gradients enabled: training needs autograd
+    assert logits.requires_grad and spy.layers == n_layers
+    assert model(one).shape == (1, 1, vocab)
+
+
+@needs_kernel
+def test_the_swap_keeps_weights_and_subclasses_and_is_undone():
+    class MyLlama(MinimalLlama):
+        pass
+
+    model = MyLlama(odd_model().config).eval()
+    keys = list(model.state_dict())
+    use_cpu_decode(model)
+    assert type(model).__name__ == "CpuDecodeMyLlama" and isinstance(model, MyLlama)
+    assert list(model.state_dict()) == keys and use_cpu_decode(model) is model  # a second call changes nothing
+    assert type(remove_cpu_decode(model)) is MyLlama
+
+
+def test_models_it_cannot_run_are_left_alone_with_the_reason():
+    class LoraLinear(nn.Linear):
+        pass
+
+    model = odd_model()
+    model.layers[1].attention.wq.__class__ = LoraLinear
+    assert "layer 1's wq is a LoraLinear" in cpu_decode_unsupported(model)
+    assert type(use_cpu_decode(model)) is MinimalLlama
+    half = odd_model().half()
+    if REASON is None:
+        assert "fp32 or bf16" in cpu_decode_unsupported(half)
+    assert type(use_cpu_decode(half)) is MinimalLlama
+    assert "not a MinimalLlama" in cpu_decode_unsupported(nn.Linear(2, 2))
+
+
+@needs_kernel
+def test_bad_input_to_the_layer_is_one_clear_error():
+    model = odd_model()
+    cache = StaticKVCache(model, 1, 8)
+    layer = model.layers[0]
+    attn, ff = layer.attention, layer.feed_forward
+    weights = [layer.attention_norm.weight, attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.wo.weight,
+               layer.ffn_norm.weight, ff.w1.weight, ff.w2.weight, ff.w3.weight]
+    x, rope, ext = torch.zeros(40), model.rope[0].contiguous(), cpu_gemv._extension()
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="pos 8 is outside the cache of 8"):
+            ext.decoder_layer(x, weights, cache.k[0], cache.v[0], rope, 8, 1e-5, attn.n_heads)
+        with pytest.raises(RuntimeError, match="of the cache's dtype"):
+            ext.decoder_layer(x, [w.bfloat16() for w in weights], cache.k[0], cache.v[0], rope, 0, 1e-5, 4)
