@@ -1,10 +1,16 @@
-"""Prefill and decode speed of MinimalLlama vs Hugging Face transformers, on the same weights, in one run.
+"""Prefill and decode speed of MinimalLlama vs Hugging Face transformers and llama.cpp, on the same weights, in one run.
 
-    uv run apps/bench.py                 # SmolLM2-135M-Instruct, fp32 and bf16, eager and compiled, both implementations
+    uv run apps/bench.py                 # SmolLM2-135M-Instruct, fp32 and bf16, every mode, every implementation
     uv run apps/bench.py --dtypes float32 # fp32 only
     uv run apps/bench.py --no-compile    # eager only (compiling takes minutes on a small CPU)
     uv run apps/bench.py --no-compile --runs 1 --prompt-len 16 --new-tokens 4    # a smoke run
     uv run apps/bench.py --no-hf --baseline ../old-checkout   # before/after rows: another checkout (its own .venv)
+
+MinimalLlama runs in three modes: eager (the model as written), cpu-decode (eager, with each one-token step's
+decoder layers in C++: ``minllama.kernels.cpu_decode``, on CPUs with AVX-512) and compiled (``torch.compile``).
+llama.cpp runs on the same GGUF weights re-encoded to F32 (against fp32) and F16 (against bf16) when
+``llama-cpp-python`` is installed; it builds from source, so it is not a dependency: ``apps/bench_llamacpp.py``
+says how to install it, and its rows are skipped with a note when it is absent.
 
 Both dtypes are measured because the best one depends on the CPU (``minllama.core.dtypes``: bf16 is the default
 only where the hardware computes it); a last line shows what bf16 costs in accuracy (perplexity and the greedy
@@ -31,6 +37,7 @@ from minllama.core.dtypes import DTYPES as CORE_DTYPES
 
 MODEL = "smollm2-135m-instruct"
 SHORT = {"float32": "fp32", "bfloat16": "bf16"}  # the dtypes measured, as the table names them
+LLAMA_CPP_FORMAT = {"float32": "F32", "bfloat16": "F16"}  # the llama.cpp format each dtype is compared with
 DTYPES = {name: CORE_DTYPES[name] for name in SHORT}
 
 
@@ -56,13 +63,18 @@ def timed(fn, device: str, repeat: int = 3) -> float:
     return statistics.median(times)
 
 
-def bench_ours(args, compile: bool) -> dict:
+def bench_ours(args, compile: bool, cpu_decode: bool = False) -> dict:
     from minllama.core.checkpoint import load_pretrained
     from minllama.core.cache import StaticKVCache
     from minllama.core.generate import generate_stream
 
     t0 = time.perf_counter()
     model, _ = load_pretrained(MODEL, dtype=DTYPES[args.dtype], device=args.device)
+    if cpu_decode:  # one-token steps through the C++ decoder layers (built on first use, then cached)
+        from minllama.kernels.cpu_decode import cpu_decode_unsupported, use_cpu_decode
+        if reason := cpu_decode_unsupported(model):
+            raise RuntimeError(f"the C++ decode step cannot run here: {reason}")
+        use_cpu_decode(model)
     load_s = time.perf_counter() - t0
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(args.device)
@@ -89,16 +101,27 @@ def bench_ours(args, compile: bool) -> dict:
 
 
 def bandwidth_bound(args) -> dict:
-    """Decode tok/s if a step did nothing but read each weight matrix once (the matrix-vector products)."""
+    """Decode tok/s if a step did nothing but read each weight matrix once: at the machine's read bandwidth
+    (measured: the sum of a 1 GiB buffer, read twice), and at the rates at which F.linear and the C++ GEMV
+    (``minllama.kernels.cpu_gemv``, where it runs) actually read the weights with one token."""
     from minllama.core.checkpoint import load_pretrained
 
     model, _ = load_pretrained(MODEL, dtype=DTYPES[args.dtype], device=args.device, with_tokenizer=False)
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    x = {w.shape[1]: torch.randn(1, w.shape[1], device=args.device, dtype=w.dtype) for w in weights}
-    with torch.no_grad():
-        step = timed(lambda: [torch.nn.functional.linear(x[w.shape[1]], w) for w in weights], args.device, repeat=5)
     gb = sum(w.numel() * w.element_size() for w in weights) / 1e9
-    return dict(decode_tok_s=1 / step, gb=gb, gb_s=gb / step)
+    x = {w.shape[1]: torch.randn(1, w.shape[1], device=args.device, dtype=w.dtype) for w in weights}
+    buffer = torch.ones(2**28, device=args.device)  # 1 GiB of fp32, larger than any cache
+    out = dict(gb=gb, machine_gb_s=2**30 / 1e9 / timed(lambda: buffer.sum(), args.device, repeat=5))
+    del buffer
+    with torch.no_grad():
+        out["linear_gb_s"] = gb / timed(lambda: [torch.nn.functional.linear(x[w.shape[1]], w) for w in weights],
+                                        args.device, repeat=5)
+        if args.device == "cpu":
+            from minllama.kernels.cpu_gemv import cpu_gemv_supported, gemv
+            if cpu_gemv_supported() is None:
+                x32 = {k: v[0].float() for k, v in x.items()}
+                out["gemv_gb_s"] = gb / timed(lambda: [gemv(x32[w.shape[1]], w) for w in weights], args.device, 5)
+    return out
 
 
 def bf16_cost(args) -> dict:
@@ -161,12 +184,16 @@ def bench_hf(args, compile: bool) -> dict:
 def worker(args) -> None:
     impl, mode = args.worker.split(":")
     torch.manual_seed(0)
-    fn = bench_ours if impl == "minllama" else bench_hf
     try:
         if mode in ("bound", "cost"):
             result = bandwidth_bound(args) if mode == "bound" else bf16_cost(args)
+        elif impl == "llama.cpp":
+            from bench_llamacpp import bench_llama_cpp
+            result = bench_llama_cpp(mode, args.prompt_len, args.new_tokens, torch.get_num_threads())
+        elif impl == "minllama":
+            result = bench_ours(args, compile=mode == "compiled", cpu_decode=mode == "cpu-decode")
         else:
-            result = fn(args, compile=mode == "compiled")
+            result = bench_hf(args, compile=mode == "compiled")
         result["peak_mb"] = peak_memory_mb(args.device)
     except Exception as e:  # report and go on with the other measurements
         result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
@@ -194,10 +221,12 @@ def best(rows: list[dict], key: str) -> float | None:
     return max(values) if values else None
 
 
-def conclusion(results: dict, mode: str, other: str = "transformers", label: str = "transformers") -> str | None:
+def conclusion(results: dict, mode: str, other: str = "transformers", label: str = "transformers",
+               their_mode: str | None = None) -> str | None:
     """The comparison line of one mode, from the best of each implementation's runs, with the spread of the ratio
-    over the runs (run i of one implementation against run i of the other: the two ran at about the same time)."""
-    ours, theirs = results.get(("minllama", mode), []), results.get((other, mode), [])
+    over the runs (run i of one implementation against run i of the other: the two ran at about the same time).
+    ``their_mode``: the other implementation's mode, when it is not the same (llama.cpp's formats)."""
+    ours, theirs = results.get(("minllama", mode), []), results.get((other, their_mode or mode), [])
     if best(ours, "decode_tok_s") is None or best(theirs, "decode_tok_s") is None:
         return None
     decode = best(ours, "decode_tok_s") / best(theirs, "decode_tok_s")
@@ -235,6 +264,7 @@ def main() -> None:
                         "turn); the comparison uses each one's best run")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp (see apps/bench_llamacpp.py)")
     p.add_argument("--cost-tokens", type=int, default=1024,
                    help="tokens of text on which bf16's accuracy is compared with fp32's (0: skip)")
     p.add_argument("--baseline", help="another checkout of this repository (with its .venv): its MinimalLlama is "
@@ -250,9 +280,31 @@ def main() -> None:
 
     from minllama.core.dtypes import cpu_flags, default_dtype
 
-    impls = ["minllama"] + (["minllama@baseline"] if args.baseline else []) + ([] if args.no_hf else ["transformers"])
-    modes = [f"{mode} {SHORT[d]}" for d in dtypes for mode in (["eager"] if args.no_compile else ["eager", "compiled"])]
-    configs = [(impl, mode) for mode in modes for impl in impls]
+    from bench_llamacpp import gguf_file, llama_cpp_missing
+    from minllama.kernels.cpu_gemv import cpu_gemv_supported
+
+    kinds = ["eager"] + (["cpu-decode"] if args.device == "cpu" else []) + ([] if args.no_compile else ["compiled"])
+    notes = []
+    if "cpu-decode" in kinds and (reason := cpu_gemv_supported()):
+        kinds.remove("cpu-decode")
+        notes.append(f"no cpu-decode rows (the C++ decode step, minllama.kernels.cpu_decode): {reason}")
+    llama_cpp = {d: LLAMA_CPP_FORMAT[d] for d in dtypes} if args.device == "cpu" and not args.no_llama_cpp else {}
+    if llama_cpp and (reason := llama_cpp_missing()):
+        llama_cpp = {}
+        notes.append(f"no llama.cpp rows: {reason}")
+    for fmt in llama_cpp.values():
+        gguf_file(fmt)  # re-encoded once, before any timing
+    configs = []  # (implementation, mode, dtype), in the order they run
+    for d in dtypes:
+        for kind in kinds:
+            configs += [("minllama", f"{kind} {SHORT[d]}", d)]
+            if args.baseline and kind != "cpu-decode":  # a baseline checkout may not have the C++ decode step
+                configs += [("minllama@baseline", f"{kind} {SHORT[d]}", d)]
+            if kind != "cpu-decode" and not args.no_hf:
+                configs += [("transformers", f"{kind} {SHORT[d]}", d)]
+        if d in llama_cpp:
+            configs += [("llama.cpp", f"gguf {llama_cpp[d]}", d)]
+    modes = list(dict.fromkeys(mode for _, mode, _ in configs))
     loads, cores = [os.getloadavg()[0]], os.cpu_count() or 1
     print(f"{MODEL}, {'/'.join(SHORT[d] for d in dtypes)}, {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; prefill {args.prompt_len} tokens, decode {args.new_tokens} tokens at "
@@ -261,34 +313,45 @@ def main() -> None:
         bf16 = sorted({"avx512_bf16", "amx_bf16"} & (cpu_flags() or set()))
         print(f"CPU: {torch.backends.cpu.get_cpu_capability()} kernels, bf16 arithmetic: {', '.join(bf16) or 'none'}; "
               f"the default dtype here (dtype 'auto'): {str(default_dtype('cpu')).removeprefix('torch.')}")
-    header = f"{'implementation':<17} {'mode':<13} {'run':>3} {'load s':>7} {'prefill tok/s':>14} " \
+    print("\n".join(notes + ["modes: eager = the model as written; cpu-decode = eager with one-token steps in C++ "
+                              "(minllama.kernels.cpu_decode); compiled = torch.compile'd decode step; gguf = "
+                              "llama.cpp on the model re-encoded to that format"] * bool(configs)))
+    header = f"{'implementation':<17} {'mode':<16} {'run':>3} {'load s':>7} {'prefill tok/s':>14} " \
              f"{'decode tok/s':>13} {'peak MB':>8} {'warm-up s':>9}"
     print(header + "\n" + "-" * len(header))
-    results: dict = {c: [] for c in configs}
+    results: dict = {(impl, mode): [] for impl, mode, _ in configs}
     for run in range(1, max(args.runs, 1) + 1):
-        for impl, mode in configs:
+        for impl, mode, dtype in configs:
             checkout = args.baseline if impl.endswith("@baseline") else None
-            kind, short = mode.split()
-            dtype = next(d for d in dtypes if SHORT[d] == short)
+            kind = mode.split()[1] if impl == "llama.cpp" else mode.split()[0]
             r = run_worker(args, f"{impl.removesuffix('@baseline')}:{kind}", dtype, checkout)
             results[impl, mode].append(r)
             if "error" in r:
-                print(f"{impl:<17} {mode:<13} {run:>3} failed: {r['error']}")
+                print(f"{impl:<17} {mode:<16} {run:>3} failed: {r['error']}")
             else:
-                print(f"{impl:<17} {mode:<13} {run:>3} {r['load_s']:>7.1f} {r['prefill_tok_s']:>14.0f} "
+                print(f"{impl:<17} {mode:<16} {run:>3} {r['load_s']:>7.1f} {r['prefill_tok_s']:>14.0f} "
                       f"{r['decode_tok_s']:>13.1f} {r['peak_mb']:>8.0f} {r['warmup_s']:>9.1f}", flush=True)
         loads.append(os.getloadavg()[0])
     for dtype in dtypes:
-        bound = run_worker(args, "minllama:bound", dtype)
-        if "error" not in bound:
-            print(f"memory-bandwidth bound, {SHORT[dtype]}: the {bound['gb']:.2f} GB of weight matrices read once per "
-                  f"token at {bound['gb_s']:.1f} GB/s -> at most {bound['decode_tok_s']:.1f} decode tok/s")
+        b = run_worker(args, "minllama:bound", dtype)
+        if "error" not in b:
+            rates = [("the machine's read bandwidth", b["machine_gb_s"]), ("F.linear's", b["linear_gb_s"])]
+            rates += [("the C++ GEMV's", b["gemv_gb_s"])] if "gemv_gb_s" in b else []
+            print(f"memory-bandwidth bound, {SHORT[dtype]}: {b['gb']:.2f} GB of weight matrices read once per token; "
+                  + "; ".join(f"at {what} {gb_s:.1f} GB/s -> at most {gb_s / b['gb']:.1f} tok/s" for what, gb_s in rates))
     for mode in modes:
+        if mode.startswith("gguf"):
+            continue
+        dtype = next(d for d in dtypes if mode.endswith(SHORT[d]))
         for other, label in (("minllama@baseline", "the baseline checkout"), ("transformers", "transformers")):
-            if line := conclusion(results, mode, other, label):
+            their_mode = f"eager {SHORT[dtype]}" if mode.startswith("cpu-decode") else mode  # theirs has no C++ step
+            if line := conclusion(results, mode, other, label + " eager" * (their_mode != mode), their_mode):
                 print(line)
+        if dtype in llama_cpp and (line := conclusion(results, mode, "llama.cpp", f"llama.cpp {llama_cpp[dtype]}",
+                                                      their_mode=f"gguf {llama_cpp[dtype]}")):
+            print(line)
     if len(dtypes) > 1:
-        for kind in ("eager", "compiled"):
+        for kind in ("eager", "cpu-decode", "compiled"):
             fp32, bf16 = results.get(("minllama", f"{kind} fp32"), []), results.get(("minllama", f"{kind} bf16"), [])
             if best(fp32, "decode_tok_s") and best(bf16, "decode_tok_s"):
                 print(f"{kind}: MinimalLlama in bf16 decodes {best(bf16, 'decode_tok_s') / best(fp32, 'decode_tok_s'):.2f}x "
