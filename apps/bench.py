@@ -36,9 +36,10 @@ import torch
 from minllama.core.dtypes import DTYPES as CORE_DTYPES
 
 MODEL = "smollm2-135m-instruct"
-SHORT = {"float32": "fp32", "bfloat16": "bf16"}  # the dtypes measured, as the table names them
-LLAMA_CPP_FORMAT = {"float32": "F32", "bfloat16": "F16"}  # the llama.cpp format each dtype is compared with
-DTYPES = {name: CORE_DTYPES[name] for name in SHORT}
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "int8": "int8"}  # the formats measured, as the table names them
+LLAMA_CPP_FORMAT = {"float32": "F32", "bfloat16": "F16", "int8": "Q8_0"}  # llama.cpp's format for each of ours
+# int8: minllama-quant's int8 weights (one scale per output channel) on an fp32 model; transformers has no row
+DTYPES = {name: CORE_DTYPES.get(name, torch.float32) for name in SHORT}  # the dtype each format loads in
 
 
 def peak_memory_mb(device: str) -> float:
@@ -70,6 +71,9 @@ def bench_ours(args, compile: bool, cpu_decode: bool = False) -> dict:
 
     t0 = time.perf_counter()
     model, _ = load_pretrained(MODEL, dtype=DTYPES[args.dtype], device=args.device)
+    if args.dtype == "int8":
+        from minllama.quant import prepare, quantize
+        prepare(quantize(model, "int8"))
     if cpu_decode:  # one-token steps through the C++ decoder layers (built on first use, then cached)
         from minllama.kernels.cpu_decode import cpu_decode_unsupported, use_cpu_decode
         if reason := cpu_decode_unsupported(model):
@@ -257,8 +261,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated in the decode measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where both models run: cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtypes", default="float32,bfloat16",
-                   help=f"comma-separated weight/compute dtypes to measure, of {', '.join(DTYPES)}")
+    p.add_argument("--dtypes", default="float32,bfloat16,int8",
+                   help=f"comma-separated weight formats to measure, of {', '.join(DTYPES)} (int8: minllama-quant's "
+                        "int8 weights on an fp32 model, against llama.cpp's Q8_0)")
     p.add_argument("--runs", type=int, default=3,
                    help="measure each configuration this many times (fresh processes, the implementations in "
                         "turn); the comparison uses each one's best run")
@@ -300,7 +305,7 @@ def main() -> None:
             configs += [("minllama", f"{kind} {SHORT[d]}", d)]
             if args.baseline and kind != "cpu-decode":  # a baseline checkout may not have the C++ decode step
                 configs += [("minllama@baseline", f"{kind} {SHORT[d]}", d)]
-            if kind != "cpu-decode" and not args.no_hf:
+            if kind != "cpu-decode" and not args.no_hf and d != "int8":
                 configs += [("transformers", f"{kind} {SHORT[d]}", d)]
         if d in llama_cpp:
             configs += [("llama.cpp", f"gguf {llama_cpp[d]}", d)]
@@ -332,7 +337,7 @@ def main() -> None:
                 print(f"{impl:<17} {mode:<16} {run:>3} {r['load_s']:>7.1f} {r['prefill_tok_s']:>14.0f} "
                       f"{r['decode_tok_s']:>13.1f} {r['peak_mb']:>8.0f} {r['warmup_s']:>9.1f}", flush=True)
         loads.append(os.getloadavg()[0])
-    for dtype in dtypes:
+    for dtype in (d for d in dtypes if d != "int8"):
         b = run_worker(args, "minllama:bound", dtype)
         if "error" not in b:
             rates = [("the machine's read bandwidth", b["machine_gb_s"]), ("F.linear's", b["linear_gb_s"])]
@@ -350,13 +355,13 @@ def main() -> None:
         if dtype in llama_cpp and (line := conclusion(results, mode, "llama.cpp", f"llama.cpp {llama_cpp[dtype]}",
                                                       their_mode=f"gguf {llama_cpp[dtype]}")):
             print(line)
-    if len(dtypes) > 1:
+    if {"float32", "bfloat16"} <= set(dtypes):
         for kind in ("eager", "cpu-decode", "compiled"):
             fp32, bf16 = results.get(("minllama", f"{kind} fp32"), []), results.get(("minllama", f"{kind} bf16"), [])
             if best(fp32, "decode_tok_s") and best(bf16, "decode_tok_s"):
                 print(f"{kind}: MinimalLlama in bf16 decodes {best(bf16, 'decode_tok_s') / best(fp32, 'decode_tok_s'):.2f}x "
                       f"and prefills {best(bf16, 'prefill_tok_s') / best(fp32, 'prefill_tok_s'):.2f}x as fast as in fp32")
-    if args.cost_tokens > 0:
+    if args.cost_tokens > 0 and {"float32", "bfloat16"} <= set(dtypes):
         cost = run_worker(args, "minllama:cost")
         if "error" in cost:
             print(f"bf16's accuracy cost: failed: {cost['error']}")

@@ -142,6 +142,10 @@ def test_models_it_cannot_run_are_left_alone_with_the_reason():
     half = odd_model().half()
     if REASON is None:
         assert "fp32 or bf16" in cpu_decode_unsupported(half)
+    biased = odd_model()
+    biased.layers[0].feed_forward.w2 = nn.Linear(100, 40)
+    if REASON is None:
+        assert "layer 0's w2 is a Linear" in cpu_decode_unsupported(biased)
     assert type(use_cpu_decode(half)) is MinimalLlama
     assert "not a MinimalLlama" in cpu_decode_unsupported(nn.Linear(2, 2))
 
@@ -155,8 +159,61 @@ def test_bad_input_to_the_layer_is_one_clear_error():
     weights = [layer.attention_norm.weight, attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.wo.weight,
                layer.ffn_norm.weight, ff.w1.weight, ff.w2.weight, ff.w3.weight]
     x, rope, ext = torch.zeros(40), model.rope[0].contiguous(), cpu_gemv._extension()
+    none = [None] * 7
     with torch.no_grad():
         with pytest.raises(RuntimeError, match="pos 8 is outside the cache of 8"):
-            ext.decoder_layer(x, weights, cache.k[0], cache.v[0], rope, 8, 1e-5, attn.n_heads)
-        with pytest.raises(RuntimeError, match="of the cache's dtype"):
-            ext.decoder_layer(x, [w.bfloat16() for w in weights], cache.k[0], cache.v[0], rope, 0, 1e-5, 4)
+            ext.decoder_layer(x, weights, none, cache.k[0], cache.v[0], rope, 8, 1e-5, attn.n_heads)
+        with pytest.raises(RuntimeError, match="wk must have 20 rows, got 19"):
+            bad = weights[:2] + [weights[2][:19].contiguous()] + weights[3:]
+            ext.decoder_layer(x, bad, none, cache.k[0], cache.v[0], rope, 0, 1e-5, attn.n_heads)
+        with pytest.raises(RuntimeError, match="wq: int8 weights need scales"):
+            bad = weights[:1] + [weights[1].to(torch.int8)] + weights[2:]
+            ext.decoder_layer(x, bad, none, cache.k[0], cache.v[0], rope, 0, 1e-5, attn.n_heads)
+
+
+class Int8Linear(nn.Module):
+    """The int8-per-output-channel layout the C++ layer reads (minllama-quant's Int8Linear has the same buffers;
+    this package cannot import it): weight = qweight * scales[:, None]."""
+
+    scheme = "int8"
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scales = w.abs().amax(1).clamp(min=1e-12) / 127  # (N,)
+        self.register_buffer("qweight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales[:, None]
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.dequantize().to(x.dtype))
+
+
+def int8_model(model: MinimalLlama) -> tuple[MinimalLlama, MinimalLlama]:
+    """(model with int8 linear layers, the fp32 model of its dequantized weights: the oracle)."""
+    quantized, oracle = copy.deepcopy(model), copy.deepcopy(model)
+    for name, module in list(quantized.named_modules()):
+        if type(module) is nn.Linear and name != "":
+            parent, child = quantized.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            setattr(parent, child, Int8Linear(module))
+            with torch.no_grad():
+                oracle.get_submodule(name).weight.copy_(getattr(parent, child).dequantize())
+    if model.config.tie_embeddings:  # the embedding reads the quantized head's rows (quant's QuantEmbedding)
+        quantized.tok_embeddings.weight = nn.Parameter(quantized.output.dequantize())
+    return quantized, oracle
+
+
+@needs_kernel
+def test_int8_decode_steps_equal_the_model_on_its_dequantized_weights():
+    model = odd_model(tie_embeddings=True)  # the head is quantized, the (tied) embedding too in the oracle
+    quantized, oracle = int8_model(model)
+    assert cpu_decode_unsupported(quantized) is None
+    tokens = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    want, _ = steps(oracle, tokens, 5)
+    got, _ = steps(use_cpu_decode(quantized), tokens, 5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    x, layer = torch.randn(40), quantized.layers[0].feed_forward.w1
+    torch.testing.assert_close(cpu_gemv._extension().gemv(x, layer.qweight, layer.scales), layer(x),
+                               rtol=1e-5, atol=1e-5)

@@ -32,6 +32,15 @@ def test_int8_packed_equals_fallback():
     torch.testing.assert_close(packed, ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
 
 
+@pytest.mark.skipif(not kernels.has_int8_kernel(CPU), reason="no int8 kernel in this torch")
+def test_int8_with_a_width_the_cpu_kernel_cannot_read_takes_the_fallback():
+    # PyTorch's CPU int8 kernel crashed the process (segfault) for K = 40: the layer must not call it
+    m = Int8Linear.from_weight(torch.randn(24, 40))
+    x = torch.randn(3, 40)
+    assert not m.prepare(CPU)
+    torch.testing.assert_close(m(x), x @ m.dequantize().T)
+
+
 @pytest.mark.skipif(not kernels.has_int4_kernel(CPU), reason="no int4 kernel in this torch")
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_kernel_equals_its_reference(group):

@@ -11,9 +11,10 @@ left in Python per token is a loop over the layers.
 ``use_cpu_decode(model)`` changes the class of a core ``MinimalLlama`` (in place, weights untouched) so that its
 ``forward`` takes the fast path exactly when it can: one token of one sequence, a ``StaticKVCache``, no padding,
 no gradient, not being traced by ``torch.compile``, on the CPU. Everything else (prefill, batches, training, other
-caches) is the model's own ``forward``. Where the extension cannot be had, or the model is not plain core layers
-in fp32/bf16 (LoRA, quantized or tensor-parallel linears, another attention), nothing changes and the reason is
-in ``cpu_decode_unsupported(model)``. ``remove_cpu_decode(model)`` undoes it.
+caches) is the model's own ``forward``. The model's layers must be core's, in fp32 or bf16, with plain linear
+layers or int8-per-channel ones (``matrix``); otherwise (LoRA, 4-bit or tensor-parallel linears, another
+attention), or where the extension cannot be had, nothing changes and ``cpu_decode_unsupported(model)`` says why.
+``remove_cpu_decode(model)`` undoes it.
 """
 from __future__ import annotations
 
@@ -27,6 +28,20 @@ from minllama.core.model import Attention, FeedForward, MinimalLlama, RMSNorm, T
 from . import cpu_gemv
 
 
+def matrix(linear: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """A linear layer's weight as the C++ GEMV reads it: (weight, None) for a plain ``nn.Linear`` without bias, or
+    (int8 weight (N, K), fp32 scales (N,)) for a layer quantized to int8 per output channel (minllama-quant's
+    ``Int8Linear``: ``scheme == "int8"``, buffers ``qweight`` and ``scales``, weight = qweight * scales[:, None]).
+    None for anything else (other quantization schemes, adapters, biases)."""
+    if type(linear) in (nn.Linear, cpu_gemv.GemvLinear) and linear.bias is None:
+        return linear.weight, None
+    if getattr(linear, "scheme", None) == "int8" and getattr(linear, "qweight", None) is not None:
+        q, s = linear.qweight, linear.scales
+        if q.dtype == torch.int8 and q.dim() == 2 and s.dtype == torch.float32 and s.shape == (q.shape[0],):
+            return q, s
+    return None
+
+
 def cpu_decode_unsupported(model: nn.Module) -> str | None:
     """None when ``use_cpu_decode`` can take over this model's one-token steps, else the reason why not."""
     if not isinstance(model, MinimalLlama):
@@ -35,9 +50,9 @@ def cpu_decode_unsupported(model: nn.Module) -> str | None:
         return reason
     weight = model.norm.weight
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
-        return f"the C++ layer runs fp32 or bf16 weights on the CPU; this model is {weight.dtype} on {weight.device}"
-    if type(model.output) is not nn.Linear and type(model.output) is not cpu_gemv.GemvLinear:
-        return f"the head is a {type(model.output).__name__}, not a plain nn.Linear"
+        return f"the C++ layer runs fp32 or bf16 models on the CPU; this model is {weight.dtype} on {weight.device}"
+    if matrix(model.output) is None:
+        return f"the head is a {type(model.output).__name__}, not a plain nn.Linear or an int8 one"
     for i, layer in enumerate(model.layers):
         parts = {"block": (layer, TransformerBlock), "attention": (layer.attention, Attention),
                  "feed_forward": (layer.feed_forward, FeedForward), "attention_norm": (layer.attention_norm, RMSNorm),
@@ -46,10 +61,14 @@ def cpu_decode_unsupported(model: nn.Module) -> str | None:
             if type(module) is not core_class:
                 return f"layer {i}'s {name} is a {type(module).__name__}, not core's {core_class.__name__}"
         for name, module in (*layer.attention.named_children(), *layer.feed_forward.named_children()):
-            if type(module) not in (nn.Linear, cpu_gemv.GemvLinear) or module.bias is not None:
-                return f"layer {i}'s {name} is a {type(module).__name__}, not a plain nn.Linear without bias"
-        if any(p.dtype != weight.dtype for p in layer.parameters()):
-            return f"layer {i} mixes dtypes"
+            if matrix(module) is None:
+                return (f"layer {i}'s {name} is a {type(module).__name__}: the C++ layer reads plain nn.Linear "
+                        "(no bias) and int8-per-channel weights")
+            w = matrix(module)[0]
+            if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16, torch.int8):
+                return f"layer {i}'s {name} is {w.dtype} on {w.device}"
+        if any(norm.weight.dtype != weight.dtype for norm in (layer.attention_norm, layer.ffn_norm)):
+            return f"layer {i}'s norms are not in the model's dtype {weight.dtype}"
     return None
 
 
@@ -68,15 +87,16 @@ class CpuDecodeMixin:
         pos = int(input_pos[0])
         rope = self.rope[pos].float()  # (head_dim/2, 2): cos, sin of this position (bf16 in a model cast to bf16)
         eps = self.config.norm_eps
-        x = self.tok_embeddings.weight[int(tokens[0, 0])].float().clone()  # (dim,) fp32: the residual stream
+        x = self.tok_embeddings(tokens)[0, 0].float().clone()  # (dim,) fp32: the residual stream
         for layer in self.layers:  # each call updates x and writes slot `pos` of the layer's cache, in place
             attn, ff = layer.attention, layer.feed_forward
-            weights = [layer.attention_norm.weight, attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.wo.weight,
-                       layer.ffn_norm.weight, ff.w1.weight, ff.w2.weight, ff.w3.weight]
-            ext.decoder_layer(x, weights, cache.k[layer.layer_index], cache.v[layer.layer_index], rope, pos, eps,
-                              attn.n_heads)
+            matrices = [matrix(m) for m in (attn.wq, attn.wk, attn.wv, attn.wo, ff.w1, ff.w2, ff.w3)]
+            weights = [layer.attention_norm.weight, *(w for w, _ in matrices[:4]), layer.ffn_norm.weight,
+                       *(w for w, _ in matrices[4:])]
+            ext.decoder_layer(x, weights, [s for _, s in matrices], cache.k[layer.layer_index],
+                              cache.v[layer.layer_index], rope, pos, eps, attn.n_heads)
         h = x * torch.rsqrt(x.pow(2).mean() + eps) * self.norm.weight.float()  # the final RMSNorm, fp32
-        logits = ext.gemv(h, self.output.weight)  # (vocab,) fp32
+        logits = ext.gemv(h, *matrix(self.output))  # (vocab,) fp32
         return logits.to(self.norm.weight.dtype).view(1, 1, -1)  # (B=1, T=1, vocab), the model's dtype
 
     def _one_token_step(self, tokens: Tensor, input_pos, pad, cache) -> bool:

@@ -146,7 +146,10 @@ class Int8Linear(QuantLinear):
         return numerics.dequantize_int8(self._take(self.qweight, rows), self._take(self.scales, rows))
 
     def _make_pack(self, device):  # the kernel's own scales: ones (see kernels.int8_mm)
-        if not (kernels.has_int8_kernel(device) and self.qweight.device == device):
+        # PyTorch's CPU kernel reads K in blocks of 16 and crashes the process (segfault) otherwise: measured for
+        # K = 40 and 100 with torch 2.15; such layers take the fallback path
+        if not (kernels.has_int8_kernel(device) and self.qweight.device == device
+                and (device.type != "cpu" or self.in_features % 16 == 0)):
             return None
         return torch.ones(self.out_features, dtype=torch.bfloat16, device=device)
 

@@ -18,7 +18,7 @@
 
 namespace minllama {
 
-// Each step of a row reads one 64-byte cache line: 16 fp32 or 32 bf16 weights.
+// Each step of a row reads one 64-byte cache line: 16 fp32, 32 bf16 or 64 int8 weights.
 template <typename W> constexpr int64_t kStep = 64 / sizeof(W);
 
 // 16 fp32 weights (or x values) at p; `mask` keeps the valid lanes of a ragged tail. The full load is written as a
@@ -51,6 +51,25 @@ inline __m512 fma_step(const at::BFloat16* w, const float* x, int64_t k, __m512 
   return _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + k + 16), acc);
 }
 
+// One step of an int8 row (one scale per row, applied by the caller): 64 weights, four groups of 16 sign-extended
+// to 32 bits (the load and the widening are one instruction) and converted to fp32, exactly (|q| <= 127).
+inline __m512 fma_step(const int8_t* w, const float* x, int64_t k, __m512 acc) {
+  for (int g = 0; g < 4; ++g) {
+    __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * g))));
+    acc = _mm512_fmadd_ps(q, _mm512_loadu_ps(x + k + 16 * g), acc);
+  }
+  return acc;
+}
+
+inline __m512 fma_step(const int8_t* w, const float* x, int64_t k, __m512 acc, __mmask64 mask) {
+  for (int g = 0; g < 4; ++g) {
+    const __mmask16 m = static_cast<__mmask16>(mask >> (16 * g));
+    __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + k + 16 * g)));
+    acc = _mm512_fmadd_ps(q, _mm512_maskz_loadu_ps(m, x + k + 16 * g), acc);
+  }
+  return acc;
+}
+
 // y[0 .. ROWS) = W[0 .. ROWS) . x for ROWS consecutive rows starting at w. While it reads them, it asks the cache
 // to fetch `ahead` (the rows it will read after the next ones), a share per step: rows are short (1-3 KB), too
 // short for the hardware prefetcher to ramp up on its own, and bf16 in particular stalls without it.
@@ -67,8 +86,8 @@ inline void dot_rows(const W* w, int64_t K, const float* x, float* y, const char
     for (int r = 0; r < ROWS; ++r) acc[r] = fma_step(w + r * K, x, k, acc[r]);
   }
   if (k < K) {  // the last K % S columns: masked loads read nothing past the row
-    using Mask = std::conditional_t<std::is_same_v<W, float>, __mmask16, __mmask32>;  // one bit per lane
-    const Mask mask = static_cast<Mask>((1ull << (K - k)) - 1);
+    using Mask = std::conditional_t<sizeof(W) == 4, __mmask16, std::conditional_t<sizeof(W) == 2, __mmask32, __mmask64>>;
+    const Mask mask = static_cast<Mask>(~0ull >> (64 - (K - k)));  // one bit per valid column
     for (int r = 0; r < ROWS; ++r) acc[r] = fma_step(w + r * K, x, k, acc[r], mask);
   }
   for (int r = 0; r < ROWS; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
@@ -94,9 +113,9 @@ void gemv_rows(const W* w, const float* x, float* y, int64_t N, int64_t K) {
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     int64_t n = begin;
     for (; n + 4 <= end; n += 4) {
-      // bf16: prefetch rows n+8 .. n+12 while reading n .. n+4 (within our slab). fp32 rows are twice as long
-      // and measured faster without it: the hardware prefetcher keeps up, and extra requests only compete.
-      const bool ahead = std::is_same_v<W, at::BFloat16> && n + 12 <= end;
+      // bf16 and int8: prefetch rows n+8 .. n+12 while reading n .. n+4 (within our slab). fp32 rows are twice
+      // as long and measured faster without it: the hardware prefetcher keeps up, and extra requests only compete.
+      const bool ahead = sizeof(W) < 4 && n + 12 <= end;
       dot_rows<W, 4>(w + n * K, K, x, y + n, reinterpret_cast<const char*>(w + (n + 8) * K),
                      ahead ? 4 * K * sizeof(W) : 0);
     }
