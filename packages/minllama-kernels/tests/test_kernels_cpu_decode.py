@@ -149,6 +149,15 @@ def test_models_it_cannot_run_are_left_alone_with_the_reason():
     assert type(use_cpu_decode(half)) is MinimalLlama
     assert "not a MinimalLlama" in cpu_decode_unsupported(nn.Linear(2, 2))
 
+    class ScaledEmbeddings(MinimalLlama):  # e.g. a model that embeds more than token ids (apps/numeric_llama.py)
+        def hidden_states(self, tokens, *args, **kwargs):
+            return super().hidden_states(tokens, *args, **kwargs) * 2
+
+    custom = ScaledEmbeddings(odd_model().config).eval()
+    if REASON is None:
+        assert "ScaledEmbeddings overrides hidden_states" in cpu_decode_unsupported(custom)
+    assert type(use_cpu_decode(custom)) is ScaledEmbeddings
+
 
 @needs_kernel
 def test_bad_input_to_the_layer_is_one_clear_error():

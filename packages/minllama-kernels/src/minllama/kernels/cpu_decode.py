@@ -48,6 +48,10 @@ def cpu_decode_unsupported(model: nn.Module) -> str | None:
         return f"not a MinimalLlama: {type(model).__name__}"
     if (reason := cpu_gemv.cpu_gemv_supported()) is not None:
         return reason
+    own = type(model).__mro__[2] if isinstance(model, CpuDecodeMixin) else type(model)  # the class before the swap
+    for name in ("forward", "hidden_states"):  # a subclass that computes a step differently must keep its own
+        if getattr(own, name) is not getattr(MinimalLlama, name):
+            return f"{own.__name__} overrides {name}: the C++ step would skip what it does"
     weight = model.norm.weight
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return f"the C++ layer runs fp32 or bf16 models on the CPU; this model is {weight.dtype} on {weight.device}"
