@@ -11,9 +11,9 @@ because the package that ships the default GGUF file names it as a dependency):
     cd /tmp && uv pip install --python "$OLDPWD/.venv/bin/python" llama-cpp-python
 
 (``uv sync`` removes it again; ``uv run`` keeps it.) Without it, ``bench.py`` prints its rows as skipped. llama.cpp
-builds for the CPU it is built on. On the development VM that build died with "Illegal instruction" in the Q8_0 and
-Q4_1 rows: the CPU reports AMX, which llama.cpp then uses for quantized weights, but the VM does not let programs
-run it. Building without AMX fixed it (the F32/F16 rows were the same either way):
+builds for the CPU it is built on. On the development VM (which reports AMX) that build died with "Illegal
+instruction" in the Q8_0 and Q4_1 rows, where llama.cpp's AMX code handles quantized weights; which instruction
+was not found out, but building without AMX fixed it (the F32 and F16 rows ran either way):
 
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
     -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF" uv pip install ... --reinstall-package llama-cpp-python
