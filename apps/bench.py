@@ -14,11 +14,11 @@ says how to install it, and its rows are skipped with a note when it is absent.
 
 Both dtypes are measured because the best one depends on the CPU (``minllama.core.dtypes``: bf16 is the default
 only where the hardware computes it); a last line shows what bf16 costs in accuracy (perplexity and the greedy
-token against fp32, on the first tokens of the core README). Each measurement runs in its own process so that its peak memory (max RSS on the CPU, max allocated on CUDA) is
-its own. Prefill: one forward over a --prompt-len token prompt. Decode: batch 1, --new-tokens greedy tokens, timed
-from the first generated token to the last (so prefill is not counted). Every configuration is measured --runs
-times, the implementations in turn; the comparison uses each one's best run, and says when the machine looked busy
-(a load average above its number of cores).
+token against fp32, on the first tokens of the core README). Each measurement runs in its own process so that its
+peak memory (max RSS on the CPU, max allocated on CUDA) is its own. Prefill: one forward over a --prompt-len token
+prompt. Decode: batch 1, --new-tokens greedy tokens, timed from the first generated token to the last (so prefill
+is not counted). Every configuration is measured --runs times, the implementations in turn; the comparison uses
+each one's best run, and says when the machine looked busy (a load average above its number of cores).
 """
 from __future__ import annotations
 
@@ -148,7 +148,8 @@ def bf16_cost(args) -> dict:
     ppl = {name: torch.nn.functional.cross_entropy(x[:-1], target).exp().item() for name, x in logits.items()}
     a, b = logits["float32"], logits["bfloat16"]
     return dict(tokens=tokens.shape[1], ppl_fp32=ppl["float32"], ppl_bf16=ppl["bfloat16"],
-                top1_agree=(a.argmax(-1) == b.argmax(-1)).float().mean().item(), max_logit_gap=(a - b).abs().max().item())
+                top1_agree=(a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+                max_logit_gap=(a - b).abs().max().item())
 
 
 def bench_hf(args, compile: bool) -> dict:
@@ -342,8 +343,10 @@ def main() -> None:
         if "error" not in b:
             rates = [("the machine's read bandwidth", b["machine_gb_s"]), ("F.linear's", b["linear_gb_s"])]
             rates += [("the C++ GEMV's", b["gemv_gb_s"])] if "gemv_gb_s" in b else []
+            bounds = "; ".join(f"at {what} {rate:.1f} GB/s -> at most {rate / b['gb']:.1f} tok/s"
+                               for what, rate in rates)
             print(f"memory-bandwidth bound, {SHORT[dtype]}: {b['gb']:.2f} GB of weight matrices read once per token; "
-                  + "; ".join(f"at {what} {gb_s:.1f} GB/s -> at most {gb_s / b['gb']:.1f} tok/s" for what, gb_s in rates))
+                  f"{bounds}")
     for mode in modes:
         if mode.startswith("gguf"):
             continue
@@ -359,8 +362,9 @@ def main() -> None:
         for kind in ("eager", "cpu-decode", "compiled"):
             fp32, bf16 = results.get(("minllama", f"{kind} fp32"), []), results.get(("minllama", f"{kind} bf16"), [])
             if best(fp32, "decode_tok_s") and best(bf16, "decode_tok_s"):
-                print(f"{kind}: MinimalLlama in bf16 decodes {best(bf16, 'decode_tok_s') / best(fp32, 'decode_tok_s'):.2f}x "
-                      f"and prefills {best(bf16, 'prefill_tok_s') / best(fp32, 'prefill_tok_s'):.2f}x as fast as in fp32")
+                decode, prefill = (best(bf16, key) / best(fp32, key) for key in ("decode_tok_s", "prefill_tok_s"))
+                print(f"{kind}: MinimalLlama in bf16 decodes {decode:.2f}x and prefills {prefill:.2f}x as fast as in "
+                      "fp32")
     if args.cost_tokens > 0 and {"float32", "bfloat16"} <= set(dtypes):
         cost = run_worker(args, "minllama:cost")
         if "error" in cost:

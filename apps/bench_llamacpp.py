@@ -120,7 +120,8 @@ def bench_llama_cpp(fmt: str, prompt_len: int, new_tokens: int, threads: int) ->
     t0 = time.perf_counter()
     decode()  # warm-up
     warmup_s = time.perf_counter() - t0
-    return dict(load_s=load_s, warmup_s=warmup_s, prefill_tok_s=prompt_len / prefill_s, decode_tok_s=max(decode(), decode()),
+    return dict(load_s=load_s, warmup_s=warmup_s, prefill_tok_s=prompt_len / prefill_s,
+                decode_tok_s=max(decode(), decode()),
                 peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 

@@ -115,8 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cpu-decode", action="store_true",
                    help="decode through core's PyTorch layers only. By default, on a CPU with AVX-512, each "
                         "one-token step of an fp32 or bf16 model (also with --quantize int8) runs its decoder "
-                        "layers in C++ (minllama.kernels.cpu_decode: the same arithmetic in fp32, 1.6-4x the "
-                        "tokens/s; built once on first use, ~20-40 s). Not with --compile")
+                        "layers in C++ (minllama.kernels.cpu_decode: the same arithmetic in fp32, 1.5-3.3x the "
+                        "tokens/s measured; built once on first use, ~20-40 s). Not with --compile")
     p.add_argument("--streaming", action="store_true",
                    help="attention sinks + a rolling KV cache (StreamingLLM): the chat goes on past the context "
                         "window in bounded memory, and each turn feeds only its new tokens")

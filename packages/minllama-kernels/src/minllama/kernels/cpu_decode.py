@@ -48,7 +48,7 @@ def cpu_decode_unsupported(model: nn.Module) -> str | None:
         return f"not a MinimalLlama: {type(model).__name__}"
     if (reason := cpu_gemv.cpu_gemv_supported()) is not None:
         return reason
-    own = type(model).__mro__[2] if isinstance(model, CpuDecodeMixin) else type(model)  # the class before the swap
+    own = _own_class(model)
     for name in ("forward", "hidden_states"):  # a subclass that computes a step differently must keep its own
         if getattr(own, name) is not getattr(MinimalLlama, name):
             return f"{own.__name__} overrides {name}: the C++ step would skip what it does"
@@ -65,10 +65,10 @@ def cpu_decode_unsupported(model: nn.Module) -> str | None:
             if type(module) is not core_class:
                 return f"layer {i}'s {name} is a {type(module).__name__}, not core's {core_class.__name__}"
         for name, module in (*layer.attention.named_children(), *layer.feed_forward.named_children()):
-            if matrix(module) is None:
+            if (readable := matrix(module)) is None:
                 return (f"layer {i}'s {name} is a {type(module).__name__}: the C++ layer reads plain nn.Linear "
                         "(no bias) and int8-per-channel weights")
-            w = matrix(module)[0]
+            w = readable[0]
             if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16, torch.int8):
                 return f"layer {i}'s {name} is {w.dtype} on {w.device}"
         if any(norm.weight.dtype != weight.dtype for norm in (layer.attention_norm, layer.ffn_norm)):
@@ -99,7 +99,7 @@ class CpuDecodeMixin:
                        *(w for w, _ in matrices[4:])]
             ext.decoder_layer(x, weights, [s for _, s in matrices], cache.k[layer.layer_index],
                               cache.v[layer.layer_index], rope, pos, eps, attn.n_heads)
-        h = x * torch.rsqrt(x.pow(2).mean() + eps) * self.norm.weight.float()  # the final RMSNorm, fp32
+        h = self.norm(x)  # (dim,) fp32: x is fp32, so core's RMSNorm keeps it fp32
         logits = ext.gemv(h, *matrix(self.output))  # (vocab,) fp32
         return logits.to(self.norm.weight.dtype).view(1, 1, -1)  # (B=1, T=1, vocab), the model's dtype
 
@@ -126,7 +126,11 @@ def use_cpu_decode(model: MinimalLlama) -> MinimalLlama:
     return model
 
 
+def _own_class(model: nn.Module) -> type:
+    """The model's class before ``use_cpu_decode``: (CpuDecodeX, CpuDecodeMixin, X, ...) -> X."""
+    return type(model).__mro__[2] if isinstance(model, CpuDecodeMixin) else type(model)
+
+
 def remove_cpu_decode(model: MinimalLlama) -> MinimalLlama:
-    if isinstance(model, CpuDecodeMixin):
-        model.__class__ = type(model).__mro__[2]  # the class it had: (CpuDecodeX, CpuDecodeMixin, X, ...)
+    model.__class__ = _own_class(model)
     return model

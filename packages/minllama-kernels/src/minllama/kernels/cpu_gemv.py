@@ -7,10 +7,11 @@ bytes / time, against the machine's read bandwidth. PyTorch's ``aten::mm`` for a
 only part of it (see ``benchmarks/gemv_bandwidth.py``); the kernel in ``csrc/gemv.h`` reads each weight row front to
 back, once, with AVX-512 loads and fused multiply-adds, and splits the rows over threads.
 
-It is part of a C++ extension (``csrc/cpu_kernels.cpp``, which also holds ``cpu_decode``'s decoder layer) built on first use by ``torch.utils.cpp_extension`` (g++ and the Python headers: the same
-toolchain ``torch.compile`` needs on a CPU), ~30-40 s on 2 cores, then cached per user under
-``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and loaded in well under a second. Where it
-cannot run (no AVX-512, no compiler, a failed build) ``gemv`` is ``F.linear`` and ``use_cpu_gemv`` changes nothing.
+It is part of a C++ extension (``csrc/cpu_kernels.cpp``, which also holds ``cpu_decode``'s decoder layer) built on
+first use by ``torch.utils.cpp_extension`` (g++ and the Python headers: the same toolchain ``torch.compile`` needs on
+a CPU), ~20-40 s on 2 cores, then cached per user under ``$TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``) and loaded in well under a second. Where it cannot run (no AVX-512, no compiler, a
+failed build) ``gemv`` is ``F.linear`` and ``use_cpu_gemv`` changes nothing.
 """
 from __future__ import annotations
 
