@@ -12,7 +12,8 @@ from minllama.core.config import LlamaConfig, RopeScaling
 from minllama.core.generate import generate
 from minllama.core.model import MinimalLlama
 from minllama.kernels import cpu_gemv
-from minllama.kernels.cpu_decode import CpuDecodeMixin, cpu_decode_unsupported, remove_cpu_decode, use_cpu_decode
+from minllama.kernels.cpu_decode import CpuDecodeMixin, cpu_decode_unsupported, layer_weights, remove_cpu_decode, \
+    use_cpu_decode
 
 REASON = cpu_gemv.cpu_gemv_supported()
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"CPU kernels unavailable: {REASON}")
@@ -51,9 +52,9 @@ class CountingExtension:
     def __init__(self, ext):
         self.ext, self.layers = ext, 0
 
-    def decoder_layer(self, *args):
-        self.layers += 1
-        return self.ext.decoder_layer(*args)
+    def decoder_layers(self, x, layers, *args):
+        self.layers += len(layers)
+        return self.ext.decoder_layers(x, layers, *args)
 
     def gemv(self, *args):
         return self.ext.gemv(*args)
@@ -160,24 +161,30 @@ def test_models_it_cannot_run_are_left_alone_with_the_reason():
 
 
 @needs_kernel
-def test_bad_input_to_the_layer_is_one_clear_error():
+def test_bad_input_to_the_layers_is_one_clear_error_before_anything_is_written():
     model = odd_model()
     cache = StaticKVCache(model, 1, 8)
-    layer = model.layers[0]
-    attn, ff = layer.attention, layer.feed_forward
-    weights = [layer.attention_norm.weight, attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.wo.weight,
-               layer.ffn_norm.weight, ff.w1.weight, ff.w2.weight, ff.w3.weight]
-    x, rope, ext = torch.zeros(40), model.rope[0].contiguous(), cpu_gemv._extension()
-    none = [None] * 7
+    layers, ext = layer_weights(model), cpu_gemv._extension()
+    x, rope = torch.zeros(40), model.rope[0].contiguous()
+
+    def run(layers, pos=0):
+        ext.decoder_layers(x, layers, cache.k, cache.v, rope, pos, 1e-5, model.config.n_heads)
+
+    def with_matrix(i, kind, tensors):  # layer 1's matrix i replaced
+        norms_and_matrices = list(layers[1])
+        norms_and_matrices[2] = [*layers[1][2][:i], (kind, tensors), *layers[1][2][i + 1:]]
+        return [layers[0], tuple(norms_and_matrices)]
+
     with torch.no_grad():
         with pytest.raises(RuntimeError, match="pos 8 is outside the cache of 8"):
-            ext.decoder_layer(x, weights, none, cache.k[0], cache.v[0], rope, 8, 1e-5, attn.n_heads)
-        with pytest.raises(RuntimeError, match="wk must have 20 rows, got 19"):
-            bad = weights[:2] + [weights[2][:19].contiguous()] + weights[3:]
-            ext.decoder_layer(x, bad, none, cache.k[0], cache.v[0], rope, 0, 1e-5, attn.n_heads)
-        with pytest.raises(RuntimeError, match="wq: int8 weights need scales"):
-            bad = weights[:1] + [weights[1].to(torch.int8)] + weights[2:]
-            ext.decoder_layer(x, bad, none, cache.k[0], cache.v[0], rope, 0, 1e-5, attn.n_heads)
+            run(layers, pos=8)
+        with pytest.raises(RuntimeError, match="layer 1's wk must have 20 rows, got 19"):
+            run(with_matrix(1, "float", [model.layers[1].attention.wk.weight[:19].contiguous()]))
+        with pytest.raises(RuntimeError, match="layer 1's wq must be fp32 or bf16, got Char \\(int8 weights need"):
+            run(with_matrix(0, "float", [model.layers[1].attention.wq.weight.to(torch.int8)]))
+        with pytest.raises(RuntimeError, match="layer 1's w2 must be a contiguous \\(N, 100\\) matrix"):
+            run(with_matrix(5, "float", [model.layers[1].attention.wq.weight]))
+    assert not cache.k[0].any() and not cache.v[0].any(), "layer 0 ran although layer 1 was bad"
 
 
 class Int8Linear(nn.Module):
@@ -224,5 +231,5 @@ def test_int8_decode_steps_equal_the_model_on_its_dequantized_weights():
     got, _ = steps(use_cpu_decode(quantized), tokens, 5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     x, layer = torch.randn(40), quantized.layers[0].feed_forward.w1
-    torch.testing.assert_close(cpu_gemv._extension().gemv(x, layer.qweight, layer.scales), layer(x),
+    torch.testing.assert_close(cpu_gemv._extension().gemv(x, "int8", [layer.qweight, layer.scales]), layer(x),
                                rtol=1e-5, atol=1e-5)

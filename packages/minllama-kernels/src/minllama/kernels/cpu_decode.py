@@ -4,17 +4,17 @@ Why: a decode step of a small model is not limited by arithmetic but by two othe
 products must stream every weight from memory once (``cpu_gemv``: the bandwidth bound), and in between come
 hundreds of tiny operations (norms, RoPE, a softmax over one query, residual adds) that each cost PyTorch a few
 microseconds of dispatch for a few nanoseconds of work. On SmolLM2-135M those two halves take about as long as
-each other (``apps/profile_decode.py``). ``csrc/cpu_kernels.cpp`` does a whole layer for one token in one call:
-the same steps as core's ``TransformerBlock``, in the same order, with the GEMVs spread over the threads. What is
-left in Python per token is a loop over the layers.
+each other (``apps/profile_decode.py``). ``csrc/cpu_kernels.cpp`` does a whole layer for one token (and all the
+layers in one call): the same steps as core's ``TransformerBlock``, in the same order, with the GEMVs spread over
+the threads. What is left in Python per token is gathering the layers' weights, the embedding and the head.
 
 ``use_cpu_decode(model)`` changes the class of a core ``MinimalLlama`` (in place, weights untouched) so that its
 ``forward`` takes the fast path exactly when it can: one token of one sequence, a ``StaticKVCache``, no padding,
 no gradient, not being traced by ``torch.compile``, on the CPU. Everything else (prefill, batches, training, other
 caches) is the model's own ``forward``. The model's layers must be core's, in fp32 or bf16, with plain linear
-layers or int8-per-channel ones (``matrix``); otherwise (LoRA, 4-bit or tensor-parallel linears, another
-attention), or where the extension cannot be had, nothing changes and ``cpu_decode_unsupported(model)`` says why.
-``remove_cpu_decode(model)`` undoes it.
+layers or minllama-quant's int8, int4 or GGUF-block ones (``matrix``); otherwise (LoRA, NF4, fp8 or
+tensor-parallel linears, another attention), or where the extension cannot be had, nothing changes and
+``cpu_decode_unsupported(model)`` says why. ``remove_cpu_decode(model)`` undoes it.
 """
 from __future__ import annotations
 
@@ -28,18 +28,34 @@ from minllama.core.model import Attention, FeedForward, MinimalLlama, RMSNorm, T
 from . import cpu_gemv
 
 
-def matrix(linear: nn.Module) -> tuple[Tensor, Tensor | None] | None:
-    """A linear layer's weight as the C++ GEMV reads it: (weight, None) for a plain ``nn.Linear`` without bias, or
-    (int8 weight (N, K), fp32 scales (N,)) for a layer quantized to int8 per output channel (minllama-quant's
-    ``Int8Linear``: ``scheme == "int8"``, buffers ``qweight`` and ``scales``, weight = qweight * scales[:, None]).
-    None for anything else (other quantization schemes, adapters, biases)."""
+GGUF_KINDS = ("q4_0", "q4_1", "q8_0")
+
+
+def matrix(linear: nn.Module) -> tuple[str, tuple[Tensor, ...]] | None:
+    """A linear layer's weight as the C++ GEMV reads it, (kind, tensors), or None if it cannot:
+
+        ("float", (weight,))                   a plain nn.Linear without bias, fp32 or bf16
+        ("int8", (qweight, scales))            int8 per output channel: weight = qweight * scales[:, None]
+        ("int4", (qweight, scales, mins))      int4, a (scale, min) per group of 32k inputs, two codes a byte
+        ("q4_0" | "q4_1" | "q8_0", (blocks,))  a GGUF tensor's bytes, llama.cpp's layouts
+
+    The quantized ones are minllama-quant's ``Int8Linear``, ``Int4Linear`` and ``GGUFLinear``, read by their
+    documented ``scheme`` and buffers (the two packages do not import each other). Anything else (NF4, fp8,
+    adapters, biases) is None."""
     if type(linear) in (nn.Linear, cpu_gemv.GemvLinear) and linear.bias is None:
-        return linear.weight, None
-    if getattr(linear, "scheme", None) == "int8" and getattr(linear, "qweight", None) is not None:
-        q, s = linear.qweight, linear.scales
-        if q.dtype == torch.int8 and q.dim() == 2 and s.dtype == torch.float32 and s.shape == (q.shape[0],):
-            return q, s
+        return "float", (linear.weight,)
+    scheme, buffers = getattr(linear, "scheme", None), getattr(linear, "_buffers", {})
+    if scheme == "int8" and _typed(buffers, qweight=torch.int8, scales=torch.float32):
+        return "int8", (buffers["qweight"], buffers["scales"])
+    if scheme == "int4" and _typed(buffers, qweight=torch.uint8, scales=torch.float16, mins=torch.float16):
+        return "int4", (buffers["qweight"], buffers["scales"], buffers["mins"])
+    if scheme in GGUF_KINDS and _typed(buffers, blocks=torch.uint8):
+        return scheme, (buffers["blocks"],)
     return None
+
+
+def _typed(buffers: dict, **dtypes) -> bool:
+    return all(getattr(buffers.get(name), "dtype", None) == dtype for name, dtype in dtypes.items())
 
 
 def cpu_decode_unsupported(model: nn.Module) -> str | None:
@@ -56,7 +72,7 @@ def cpu_decode_unsupported(model: nn.Module) -> str | None:
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return f"the C++ layer runs fp32 or bf16 models on the CPU; this model is {weight.dtype} on {weight.device}"
     if matrix(model.output) is None:
-        return f"the head is a {type(model.output).__name__}, not a plain nn.Linear or an int8 one"
+        return f"the head is a {type(model.output).__name__}, which the C++ GEMV does not read (see matrix())"
     for i, layer in enumerate(model.layers):
         parts = {"block": (layer, TransformerBlock), "attention": (layer.attention, Attention),
                  "feed_forward": (layer.feed_forward, FeedForward), "attention_norm": (layer.attention_norm, RMSNorm),
@@ -67,13 +83,24 @@ def cpu_decode_unsupported(model: nn.Module) -> str | None:
         for name, module in (*layer.attention.named_children(), *layer.feed_forward.named_children()):
             if (readable := matrix(module)) is None:
                 return (f"layer {i}'s {name} is a {type(module).__name__}: the C++ layer reads plain nn.Linear "
-                        "(no bias) and int8-per-channel weights")
-            w = readable[0]
-            if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16, torch.int8):
-                return f"layer {i}'s {name} is {w.dtype} on {w.device}"
+                        "(no bias), int8, int4 and GGUF Q4_0/Q4_1/Q8_0 weights")
+            w = readable[1][0]
+            if w.device.type != "cpu":
+                return f"layer {i}'s {name} is on {w.device}"
         if any(norm.weight.dtype != weight.dtype for norm in (layer.attention_norm, layer.ffn_norm)):
             return f"layer {i}'s norms are not in the model's dtype {weight.dtype}"
     return None
+
+
+def layer_weights(model: MinimalLlama) -> list[tuple]:
+    """Each layer's weights as ``decoder_layers`` takes them: (attention_norm, ffn_norm, [matrix() of wq, wk, wv,
+    wo, w1, w2, w3]). Gathered again at every step, so that a module swapped since the last one is never missed."""
+    out = []
+    for layer in model.layers:
+        attn, ff = layer.attention, layer.feed_forward
+        out.append((layer.attention_norm.weight, layer.ffn_norm.weight,
+                    [matrix(m) for m in (attn.wq, attn.wk, attn.wv, attn.wo, ff.w1, ff.w2, ff.w3)]))
+    return out
 
 
 def cpu_decode_usable(model: nn.Module) -> bool:
@@ -92,13 +119,8 @@ class CpuDecodeMixin:
         rope = self.rope[pos].float()  # (head_dim/2, 2): cos, sin of this position (bf16 in a model cast to bf16)
         eps = self.config.norm_eps
         x = self.tok_embeddings(tokens)[0, 0].float().clone()  # (dim,) fp32: the residual stream
-        for layer in self.layers:  # each call updates x and writes slot `pos` of the layer's cache, in place
-            attn, ff = layer.attention, layer.feed_forward
-            matrices = [matrix(m) for m in (attn.wq, attn.wk, attn.wv, attn.wo, ff.w1, ff.w2, ff.w3)]
-            weights = [layer.attention_norm.weight, *(w for w, _ in matrices[:4]), layer.ffn_norm.weight,
-                       *(w for w, _ in matrices[4:])]
-            ext.decoder_layer(x, weights, [s for _, s in matrices], cache.k[layer.layer_index],
-                              cache.v[layer.layer_index], rope, pos, eps, attn.n_heads)
+        # one call for all layers: each updates x and writes slot `pos` of its layer's cache, in place
+        ext.decoder_layers(x, layer_weights(self), cache.k, cache.v, rope, pos, eps, self.config.n_heads)
         h = self.norm(x)  # (dim,) fp32: x is fp32, so core's RMSNorm keeps it fp32
         logits = ext.gemv(h, *matrix(self.output))  # (vocab,) fp32
         return logits.to(self.norm.weight.dtype).view(1, 1, -1)  # (B=1, T=1, vocab), the model's dtype

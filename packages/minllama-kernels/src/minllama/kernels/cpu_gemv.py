@@ -27,11 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"  # includes csrc/gemv.h
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"  # includes csrc/gemv.h and csrc/blocks.h
 EXTENSION = "minllama_cpu_kernels"
 # -fopenmp: at::parallel_for is inline OpenMP code; compiled without it, it silently runs on one thread (half the
 # bandwidth on 2 cores). The OpenMP runtime it links is the one torch already loaded (libgomp.so.1).
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c", "-mavx512vnni", "-fopenmp"]
 
 
 def cpu_gemv_supported() -> str | None:
@@ -109,7 +109,7 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
     ext = _extension()
     if ext is None:
         return F.linear(x.float(), weight.float())
-    return ext.gemv(x.float().contiguous(), weight.contiguous())
+    return ext.gemv(x.float().contiguous(), "float", [weight.contiguous()])
 
 
 class GemvLinear(nn.Linear):

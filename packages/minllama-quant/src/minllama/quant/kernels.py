@@ -33,6 +33,12 @@ def has_int4_kernel(device: torch.device) -> bool:
     return device.type == "cuda" and hasattr(aten, "_weight_int4pack_mm")
 
 
+def int4_kernel_takes(device: torch.device, out_features: int) -> bool:
+    """PyTorch's CPU int4 packing refuses N % 16 != 0 (RuntimeError "expect N to be dividable by 16", torch 2.15):
+    such layers (e.g. a tiny model's 20-row wk) take the fallback path instead of failing at their first call."""
+    return has_int4_kernel(device) and (device.type != "cpu" or out_features % 16 == 0)
+
+
 def has_fp8_kernel(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 

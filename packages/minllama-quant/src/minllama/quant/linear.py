@@ -179,7 +179,7 @@ class Int4Linear(QuantLinear):
                                         self._take(self.mins, rows), self.in_features)
 
     def _make_pack(self, device):
-        if not kernels.has_int4_kernel(device):
+        if not kernels.int4_kernel_takes(device, self.out_features):
             return None
         s = self.scales.float()
         # ours: q * s + m; the kernel's: (q - 8) * s + z, so z = m + 8 s
@@ -284,7 +284,7 @@ class GGUFLinear(QuantLinear):
         return gguf_blocks.dequantize_blocks(self._take(self.blocks, rows), self.options["qtype"])
 
     def _make_pack(self, device):
-        if not kernels.has_int4_kernel(device):
+        if not kernels.int4_kernel_takes(device, self.out_features):
             return None
         planes = gguf_blocks.int4_planes(self.blocks, self.options["qtype"])
         return [kernels.Int4Pack(q, s, z, gguf_blocks.BLOCK, device) for q, s, z in planes]

@@ -9,16 +9,21 @@
 //   x += wo . attend(rope(wq . n), cache <- (rope(wk . n), wv . n))      n = rmsnorm(x) * attention_norm
 //   x += w2 . (silu(w1 . m) * (w3 . m))                                  m = rmsnorm(x) * ffn_norm
 //
-// Weight matrices are fp32, bf16, or int8 with one scale per output row (minllama-quant's "int8" scheme); norms and
-// the KV cache are fp32 or bf16. Activations are fp32 throughout, so a bf16 model computes exactly what the fp32
-// model computes on its bf16-rounded weights, except that its cache stores keys and values rounded to bf16 (as
-// core's StaticKVCache does), and an int8 model what the fp32 model computes on its dequantized weights.
+// Weight matrices are fp32, bf16, int8 with one scale per output row (minllama-quant's "int8" scheme), or blocks of
+// 32 4-bit or 8-bit codes with a scale each (quant's "int4", GGUF's Q4_0, Q4_1, Q8_0: blocks.h); norms and the KV
+// cache are fp32 or bf16. Activations are fp32 throughout, so a bf16 model computes exactly what the fp32 model
+// computes on its bf16-rounded weights, except that its cache stores keys and values rounded to bf16 (as core's
+// StaticKVCache does), and a quantized model what the fp32 model computes on its dequantized weights.
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
+#include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
+#include "blocks.h"
 #include "gemv.h"
 
 namespace {
@@ -44,33 +49,93 @@ void rmsnorm(const float* x, const torch::Tensor& weight, float eps, float* out)
     rmsnorm(x, weight.data_ptr<at::BFloat16>(), weight.numel(), eps, out);
 }
 
-// y = W x for one weight matrix in any of the layouts the GEMV reads: fp32, bf16, or int8 with one fp32 scale per
-// row (``scales``, undefined for the float layouts).
-void matvec(const torch::Tensor& w, const torch::Tensor& scales, const float* x, float* y) {
-  const int64_t N = w.size(0), K = w.size(1);
-  switch (w.scalar_type()) {
-    case torch::kFloat: gemv_rows(w.data_ptr<float>(), x, y, N, K); break;
-    case torch::kBFloat16: gemv_rows(w.data_ptr<at::BFloat16>(), x, y, N, K); break;
-    default: {  // int8 (checked by the caller)
-      gemv_rows(w.data_ptr<int8_t>(), x, y, N, K);
-      const float* s = scales.data_ptr<float>();
-      for (int64_t n = 0; n < N; ++n) y[n] *= s[n];
+// A weight matrix as Python hands it over, (kind, tensors), checked once and then read by pointer:
+//   "float": (w,)               w (N, K) fp32 or bf16, as nn.Linear stores it
+//   "int8":  (q, scales)        q (N, K) int8, scales (N,) fp32: w = q * scales[:, None] (minllama-quant's int8)
+//   "int4":  (q, scales, mins)  q (N, Kp/2) uint8 (two codes a byte), scales and mins (N, Kp/g) fp16: w = q s + m
+//                               per group of g columns, Kp = K rounded up to whole groups (minllama-quant's int4)
+//   "q4_0", "q4_1", "q8_0":     (blocks,) (N, K/32 * 18, 20 or 34) uint8: a GGUF tensor's bytes (llama.cpp's
+//                               layouts: fp16 d, [fp16 m,] then the 32 codes)
+struct Matrix {
+  torch::Tensor w, scales;  // float and int8
+  bool is_blocks = false;
+  minllama::BlockMatrix blocks;
+  int64_t N = 0, K = 0;
+};
+
+const uint8_t* bytes_of(const torch::Tensor& t) { return static_cast<const uint8_t*>(t.data_ptr()); }
+
+Matrix read_matrix(const std::string& kind, const std::vector<torch::Tensor>& t, int64_t K, const char* name) {
+  static const std::vector<std::pair<std::string, size_t>> kinds = {
+      {"float", 1}, {"int8", 2}, {"int4", 3}, {"q4_0", 1}, {"q4_1", 1}, {"q8_0", 1}};
+  const auto found = std::find_if(kinds.begin(), kinds.end(), [&](const auto& k) { return k.first == kind; });
+  TORCH_CHECK(found != kinds.end(), name, ": unknown kind '", kind, "' (float, int8, int4, q4_0, q4_1, q8_0)");
+  TORCH_CHECK(t.size() == found->second, name, ": kind ", kind, " takes ", found->second, " tensor(s), got ", t.size());
+  for (const auto& x : t)
+    TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), name, ": tensors must be contiguous, on the CPU");
+  const torch::Tensor& w = t[0];
+  TORCH_CHECK(w.dim() == 2, name, " must be a 2-d (N, ...) matrix, got ", w.sizes());
+  Matrix mat;
+  mat.N = w.size(0), mat.K = K;
+  if (kind == "float" || kind == "int8") {
+    TORCH_CHECK(w.size(1) == K, name, " must be a contiguous (N, ", K, ") matrix, got ", w.sizes());
+    const auto type = w.scalar_type();
+    if (kind == "float") {
+      TORCH_CHECK(type == torch::kFloat || type == torch::kBFloat16, name, " must be fp32 or bf16, got ", type,
+                  " (int8 weights need scales: kind int8)");
+    } else {
+      TORCH_CHECK(type == torch::kChar, name, ": int8 weights must be int8, got ", type);
+      TORCH_CHECK(t[1].scalar_type() == torch::kFloat && t[1].numel() == mat.N, name, ": scales must be fp32 (N,)");
+      mat.scales = t[1];
     }
+    mat.w = w;
+    return mat;
   }
+  for (size_t i = 1; i < t.size(); ++i)  // int4's scales and mins
+    TORCH_CHECK(t[i].scalar_type() == torch::kHalf && t[i].dim() == 2 && t[i].size(0) == mat.N &&
+                t[i].size(1) == t[1].size(1), name, ": int4 scales and mins must be fp16 (N, groups)");
+  TORCH_CHECK(w.scalar_type() == torch::kByte, name, ": ", kind, " codes must be uint8 bytes, got ", w.scalar_type());
+  minllama::BlockMatrix& B = mat.blocks;
+  mat.is_blocks = true;
+  B.N = mat.N;
+  B.codes_row = w.size(1);
+  if (kind == "int4") {
+    const int64_t padded = 2 * w.size(1), groups = t[1].size(1);
+    TORCH_CHECK(groups > 0 && padded % groups == 0 && (padded / groups) % 32 == 0, name,
+                ": int4 groups must be a multiple of 32 columns");
+    const int64_t group = padded / groups;
+    TORCH_CHECK(K <= padded && padded - K < group, name, ": int4 codes for ", padded, " columns do not fit K = ", K);
+    B.K_padded = padded, B.codes = bytes_of(w), B.codes_block = 16, B.interleaved = true;
+    B.blocks_per_group = group / 32;
+    B.d = bytes_of(t[1]), B.d_row = 2 * groups, B.d_group = 2;
+    B.m = bytes_of(t[2]), B.m_row = 2 * groups, B.m_group = 2;
+    return mat;
+  }
+  const int64_t block_bytes = kind == "q4_0" ? 18 : kind == "q4_1" ? 20 : 34;
+  TORCH_CHECK(K % 32 == 0 && w.size(1) == K / 32 * block_bytes, name, ": a ", kind, " matrix of ", K,
+              " columns is (N, ", K / 32 * block_bytes, ") bytes, got ", w.sizes());
+  const int64_t code_start = kind == "q4_1" ? 4 : 2;  // after d (and m)
+  B.K_padded = K, B.codes = bytes_of(w) + code_start, B.codes_block = block_bytes;
+  B.d = bytes_of(w), B.d_row = w.size(1), B.d_group = block_bytes;
+  if (kind == "q4_1") B.m = bytes_of(w) + 2, B.m_row = w.size(1), B.m_group = block_bytes;
+  B.m_per_d = kind == "q4_0" ? -8.f : 0.f;  // Q4_0: w = d (q - 8); Q8_0: w = d q
+  B.bytes = kind == "q8_0";
+  return mat;
 }
 
-// The checks every weight matrix passes before its pointer is read: a contiguous (N, K) fp32/bf16 matrix, or an
-// int8 one with (N,) fp32 scales.
-void check_matrix(const torch::Tensor& w, const torch::Tensor& scales, int64_t K, const char* name) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == K, name, " must be a contiguous (N, ", K,
-              ") matrix, got ", w.sizes());
-  const auto t = w.scalar_type();
-  TORCH_CHECK(t == torch::kFloat || t == torch::kBFloat16 || t == torch::kChar, name,
-              " must be fp32, bf16 or int8, got ", t);
-  TORCH_CHECK((t == torch::kChar) == scales.defined(), name, ": int8 weights need scales, float weights none");
-  if (scales.defined())
-    TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.numel() == w.size(0),
-                name, ": scales must be contiguous fp32 (N,)");
+// y = W x for one matrix in any of those layouts. x is a BlockInput: the block layouts round it (or rearrange it)
+// once for all the matrices that multiply the same vector.
+void matvec(const Matrix& mat, minllama::BlockInput& x, float* y) {
+  if (mat.is_blocks) return x.multiply(mat.blocks, y);
+  switch (mat.w.scalar_type()) {
+    case torch::kFloat: gemv_rows(mat.w.data_ptr<float>(), x.data(), y, mat.N, mat.K); break;
+    case torch::kBFloat16: gemv_rows(mat.w.data_ptr<at::BFloat16>(), x.data(), y, mat.N, mat.K); break;
+    default: {  // int8
+      gemv_rows(mat.w.data_ptr<int8_t>(), x.data(), y, mat.N, mat.K);
+      const float* s = mat.scales.data_ptr<float>();
+      for (int64_t n = 0; n < mat.N; ++n) y[n] *= s[n];
+    }
+  }
 }
 
 // Rotate each channel pair (2i, 2i+1) of each head by its angle (Meta's layout, model.py's apply_rope).
@@ -143,22 +208,27 @@ void attend(const float* q, const C* k, const C* v, int64_t n_heads, int64_t n_k
   });
 }
 
-// One layer for one token; C is the KV cache's dtype. w: attention_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3;
-// scales: the seven matrices' (undefined unless int8).
+// One layer's weights, checked: its two norms and seven matrices.
+struct Layer {
+  torch::Tensor attention_norm, ffn_norm;
+  Matrix wq, wk, wv, wo, w1, w2, w3;
+};
+
+// One layer for one token; C is the KV cache's dtype (fp32 or bf16).
 template <typename C>
-void layer_step(float* x, const std::vector<torch::Tensor>& w, const std::vector<torch::Tensor>& scales,
-                torch::Tensor& k_cache, torch::Tensor& v_cache, const float* rope, int64_t pos, float eps,
-                int64_t n_heads) {
-  const int64_t dim = w[1].size(1), n_kv_heads = k_cache.size(1), capacity = k_cache.size(2);
-  const int64_t head_dim = k_cache.size(3), kv_dim = n_kv_heads * head_dim, hidden = w[6].size(0);
+void layer_step(float* x, const Layer& L, torch::Tensor& k_cache, torch::Tensor& v_cache, const float* rope,
+                int64_t pos, float eps, int64_t n_heads) {
+  const int64_t dim = L.wq.K, n_kv_heads = k_cache.size(1), capacity = k_cache.size(2);
+  const int64_t head_dim = k_cache.size(3), kv_dim = n_kv_heads * head_dim, hidden = L.w1.N;
   std::vector<float> n(dim), q(n_heads * head_dim), k(kv_dim), v(kv_dim), y(n_heads * head_dim);
   std::vector<float> gate(hidden), up(hidden);
 
   // attention
-  rmsnorm(x, w[0], eps, n.data());
-  matvec(w[1], scales[0], n.data(), q.data());  // (n_heads * head_dim)
-  matvec(w[2], scales[1], n.data(), k.data());  // (n_kv_heads * head_dim)
-  matvec(w[3], scales[2], n.data(), v.data());
+  rmsnorm(x, L.attention_norm, eps, n.data());
+  minllama::BlockInput attention_in(n.data(), dim);  // q, k and v multiply the same vector
+  matvec(L.wq, attention_in, q.data());  // (n_heads * head_dim)
+  matvec(L.wk, attention_in, k.data());  // (n_kv_heads * head_dim)
+  matvec(L.wv, attention_in, v.data());
   rotate(q.data(), n_heads, head_dim, rope);
   rotate(k.data(), n_kv_heads, head_dim, rope);
   C* kc = k_cache.data_ptr<C>();  // (1, n_kv_heads, capacity, head_dim): write slot `pos`
@@ -169,74 +239,101 @@ void layer_step(float* x, const std::vector<torch::Tensor>& w, const std::vector
       vc[(h * capacity + pos) * head_dim + d] = static_cast<C>(v[h * head_dim + d]);
     }
   attend<C>(q.data(), kc, vc, n_heads, n_kv_heads, capacity, head_dim, pos + 1, y.data());
-  matvec(w[4], scales[3], y.data(), n.data());  // n: reused for the output
+  minllama::BlockInput attention_out(y.data(), n_heads * head_dim);
+  matvec(L.wo, attention_out, n.data());  // n: reused for the output
   for (int64_t d = 0; d < dim; ++d) x[d] += n[d];
 
   // feed-forward (SwiGLU)
-  rmsnorm(x, w[5], eps, n.data());
-  matvec(w[6], scales[4], n.data(), gate.data());
-  matvec(w[8], scales[6], n.data(), up.data());
+  rmsnorm(x, L.ffn_norm, eps, n.data());
+  minllama::BlockInput ffn_in(n.data(), dim);  // w1 and w3 multiply the same vector
+  matvec(L.w1, ffn_in, gate.data());
+  matvec(L.w3, ffn_in, up.data());
   for (int64_t i = 0; i < hidden; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];  // silu(g) * u
-  matvec(w[7], scales[5], gate.data(), n.data());
+  minllama::BlockInput ffn_hidden(gate.data(), hidden);
+  matvec(L.w2, ffn_hidden, n.data());
   for (int64_t d = 0; d < dim; ++d) x[d] += n[d];
+}
+
+using MatrixSpec = std::pair<std::string, std::vector<torch::Tensor>>;  // (kind, tensors): see Matrix
+// attention_norm, ffn_norm, then wq, wk, wv, wo, w1, w2, w3 (cpu_decode.py gathers them)
+using LayerSpec = std::tuple<torch::Tensor, torch::Tensor, std::vector<MatrixSpec>>;
+
+// Every check of one layer, before anything is written: shapes, dtypes, the cache's layout.
+Layer read_layer(const LayerSpec& spec, int64_t dim, int64_t n_heads, const torch::Tensor& k_cache,
+                 const torch::Tensor& v_cache, int64_t index) {
+  const std::string where = "layer " + std::to_string(index) + "'s ";
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(), where,
+              "k_cache, v_cache: contiguous (1, n_kv_heads, capacity, head_dim)");
+  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat || k_cache.scalar_type() == torch::kBFloat16, where,
+              "cache must be fp32 or bf16");
+  TORCH_CHECK(n_heads % k_cache.size(1) == 0, "n_heads must be a multiple of the cache's n_kv_heads");
+  Layer L;
+  L.attention_norm = std::get<0>(spec), L.ffn_norm = std::get<1>(spec);
+  for (const auto* norm : {&L.attention_norm, &L.ffn_norm})
+    TORCH_CHECK(norm->numel() == dim && norm->is_contiguous() &&
+                (norm->scalar_type() == torch::kFloat || norm->scalar_type() == torch::kBFloat16), where,
+                "norm weights must be contiguous fp32 or bf16 (dim,)");
+  const auto& m = std::get<2>(spec);
+  TORCH_CHECK(m.size() == 7, where, "matrices: wq, wk, wv, wo, w1, w2, w3");
+  const int64_t head_dim = k_cache.size(3), kv_dim = k_cache.size(1) * head_dim, hidden = m[4].second.at(0).size(0);
+  const int64_t rows[7] = {n_heads * head_dim, kv_dim, kv_dim, dim, hidden, dim, hidden};
+  const int64_t cols[7] = {dim, dim, dim, n_heads * head_dim, dim, hidden, dim};
+  const char* names[7] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
+  Matrix* out[7] = {&L.wq, &L.wk, &L.wv, &L.wo, &L.w1, &L.w2, &L.w3};
+  for (int i = 0; i < 7; ++i) {
+    const std::string name = where + names[i];
+    *out[i] = read_matrix(m[i].first, m[i].second, cols[i], name.c_str());
+    TORCH_CHECK(out[i]->N == rows[i], name, " must have ", rows[i], " rows, got ", out[i]->N);
+  }
+  return L;
 }
 
 }  // namespace
 
-// x: (K,) fp32; weight: (N, K) fp32, bf16, or int8 with scales (N,) fp32; contiguous -> (N,) fp32
-torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> scales) {
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be a contiguous fp32 vector");
-  const torch::Tensor s = scales.value_or(torch::Tensor());
-  check_matrix(weight, s, x.size(0), "weight");
-  auto y = torch::empty({weight.size(0)}, x.options());
-  matvec(weight, s, x.data_ptr<float>(), y.data_ptr<float>());
+// x: (K,) fp32; a matrix (kind, tensors) as described at Matrix -> (N,) fp32
+torch::Tensor gemv(torch::Tensor x, const std::string& kind, std::vector<torch::Tensor> tensors) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
+              "x must be a contiguous fp32 vector");
+  const Matrix mat = read_matrix(kind, tensors, x.size(0), "weight");
+  auto y = torch::empty({mat.N}, x.options());
+  minllama::BlockInput input(x.data_ptr<float>(), x.size(0));
+  matvec(mat, input, y.data_ptr<float>());
   return y;
 }
 
-// One decoder layer for one token at position `pos`, in place: x (dim,) fp32 is the residual stream; keys and
-// values go to slot `pos` of k_cache, v_cache (1, n_kv_heads, capacity, head_dim), fp32 or bf16. weights:
-// attention_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3; scales: one per matrix (None unless it is int8).
-// rope: (head_dim/2, 2) fp32, this position's cos and sin.
-void decoder_layer(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<std::optional<torch::Tensor>> scales,
-                   torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor rope, int64_t pos, double eps,
-                   int64_t n_heads) {
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be a contiguous fp32 vector");
-  TORCH_CHECK(weights.size() == 9 && scales.size() == 7,
-              "weights: attention_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3; scales: one per matrix");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-              v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
-              "k_cache, v_cache: contiguous (1, n_kv_heads, capacity, head_dim)");
-  const auto cache_dtype = k_cache.scalar_type();
-  TORCH_CHECK(cache_dtype == torch::kFloat || cache_dtype == torch::kBFloat16, "the cache must be fp32 or bf16");
-  TORCH_CHECK(0 <= pos && pos < k_cache.size(2), "pos ", pos, " is outside the cache of ", k_cache.size(2));
-  TORCH_CHECK(rope.scalar_type() == torch::kFloat && rope.is_contiguous() && rope.numel() == k_cache.size(3),
-              "rope must be this position's contiguous fp32 (head_dim/2, 2) table row");
-  const int64_t dim = x.size(0), head_dim = k_cache.size(3), kv_dim = k_cache.size(1) * head_dim;
-  TORCH_CHECK(n_heads % k_cache.size(1) == 0, "n_heads must be a multiple of the cache's n_kv_heads");
-  for (int i : {0, 5})
-    TORCH_CHECK(weights[i].numel() == dim && weights[i].is_contiguous() &&
-                (weights[i].scalar_type() == torch::kFloat || weights[i].scalar_type() == torch::kBFloat16),
-                "the norm weights must be contiguous fp32 or bf16 (dim,)");
-  std::vector<torch::Tensor> s;
-  for (const auto& t : scales) s.push_back(t.value_or(torch::Tensor()));
-  const int64_t hidden = weights[6].size(0);
-  const int64_t rows[7] = {n_heads * head_dim, kv_dim, kv_dim, dim, hidden, dim, hidden};
-  const int64_t cols[7] = {dim, dim, dim, n_heads * head_dim, dim, hidden, dim};
-  const char* names[7] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
-  const int at[7] = {1, 2, 3, 4, 6, 7, 8};  // where each matrix is in `weights`
-  for (int i = 0; i < 7; ++i) {
-    const torch::Tensor& w = weights[at[i]];
-    check_matrix(w, s[i], cols[i], names[i]);
-    TORCH_CHECK(w.size(0) == rows[i], names[i], " must have ", rows[i], " rows, got ", w.size(0));
+// The decoder layers for one token at position `pos`, in place: x (dim,) fp32 is the residual stream, and layer
+// i's keys and values go to slot `pos` of k_caches[i], v_caches[i] (1, n_kv_heads, capacity, head_dim), fp32 or
+// bf16. layers[i]: (attention_norm, ffn_norm, [(kind, tensors) of wq, wk, wv, wo, w1, w2, w3]).
+// rope: (head_dim/2, 2) fp32, this position's cos and sin. Every layer is checked before the first one runs.
+void decoder_layers(torch::Tensor x, std::vector<LayerSpec> layers, std::vector<torch::Tensor> k_caches,
+                    std::vector<torch::Tensor> v_caches, torch::Tensor rope, int64_t pos, double eps,
+                    int64_t n_heads) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
+              "x must be a contiguous fp32 vector");
+  TORCH_CHECK(k_caches.size() == layers.size() && v_caches.size() == layers.size(), "one k and v cache per layer");
+  std::vector<Layer> checked;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    checked.push_back(read_layer(layers[i], x.size(0), n_heads, k_caches[i], v_caches[i], i));
+    TORCH_CHECK(0 <= pos && pos < k_caches[i].size(2), "pos ", pos, " is outside the cache of ", k_caches[i].size(2));
+    TORCH_CHECK(rope.scalar_type() == torch::kFloat && rope.is_contiguous() && rope.numel() == k_caches[i].size(3),
+                "rope must be this position's contiguous fp32 (head_dim/2, 2) table row");
   }
-  if (cache_dtype == torch::kFloat)
-    layer_step<float>(x.data_ptr<float>(), weights, s, k_cache, v_cache, rope.data_ptr<float>(), pos, eps, n_heads);
-  else
-    layer_step<at::BFloat16>(x.data_ptr<float>(), weights, s, k_cache, v_cache, rope.data_ptr<float>(), pos, eps, n_heads);
+  for (size_t i = 0; i < checked.size(); ++i) {
+    if (k_caches[i].scalar_type() == torch::kFloat)
+      layer_step<float>(x.data_ptr<float>(), checked[i], k_caches[i], v_caches[i], rope.data_ptr<float>(), pos, eps,
+                        n_heads);
+    else
+      layer_step<at::BFloat16>(x.data_ptr<float>(), checked[i], k_caches[i], v_caches[i], rope.data_ptr<float>(),
+                               pos, eps, n_heads);
+  }
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "y = weight @ x for one token: x (K,) fp32, weight (N, K) fp32, bf16 or int8 (with scales)",
-        py::arg("x"), py::arg("weight"), py::arg("scales") = py::none());
-  m.def("decoder_layer", &decoder_layer, "one Llama decoder layer for one token, in place (see cpu_kernels.cpp)");
+  m.def("gemv", &gemv, "y = W @ x for one token: x (K,) fp32, W given as (kind, tensors) (see cpu_kernels.cpp)",
+        py::arg("x"), py::arg("kind"), py::arg("tensors"));
+  m.def("set_integer_dot", [](bool on) { return std::exchange(minllama::integer_dot(), on); },
+        "4-bit and 8-bit blocks with integer dot products (AVX512-VNNI, x rounded to int8 per block; the default "
+        "where the CPU has it) or in fp32; returns the previous setting");
+  m.def("decoder_layers", &decoder_layers, "Llama decoder layers for one token, in place (see cpu_kernels.cpp)");
 }
