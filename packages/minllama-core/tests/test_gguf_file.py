@@ -73,6 +73,9 @@ def test_every_value_type_and_dequantized_type_matches(tmp_path):
         expected = oracle_floats(b)
         assert torch.equal(to_torch(a), expected), a.name
         assert torch.equal(to_torch(a, torch.bfloat16), expected.bfloat16()), a.name  # straight into bf16
+        # a row at a time, each chunk's file pages released as it is done (a page shared with the next chunk is
+        # read from the file again)
+        assert torch.equal(to_torch(a, torch.bfloat16, chunk=96), expected.bfloat16()), a.name
 
 
 def test_a_damaged_header_is_a_clear_error(tmp_path):
