@@ -368,3 +368,66 @@ def test_gguf_tokenizer_comes_from_the_same_reader(tmp_path, monkeypatch):
     loaded, (what, reader) = load_pretrained(write_gguf(model, tmp_path / "m.gguf"))
     assert what == "tokenizer of" and isinstance(reader, GGUFFile) and reader.tensors
     assert_same(model, loaded)
+
+
+# ------------------------------------------------------------------------------------- the convert hook of loading
+def save_as(fmt: str, model, path):
+    """``model`` written as an HF or Meta directory or a GGUF file; returns what load_pretrained takes."""
+    if fmt == "gguf":
+        return write_gguf(model, path.with_suffix(".gguf"))
+    (save_hf if fmt == "hf" else save_meta)(model, path)
+    return path
+
+
+def on_meta(module) -> bool:
+    return all(p.is_meta for p in module.parameters())
+
+
+@pytest.mark.parametrize("fmt", ["hf", "meta", "gguf"])
+@pytest.mark.parametrize("name", ["tiny-mqa", "tiny-gqa"], ids=["tied", "untied"])
+def test_convert_gets_each_layer_in_order_as_it_is_loaded_then_the_whole_model(fmt, name, tmp_path):
+    model = tiny_model(name, n_layers=4)
+    seen = []
+
+    def convert(m, part):
+        if part:  # this layer holds the file's weights; the later layers, the embedding and the head hold nothing
+            i = int(part.split(".")[1])
+            assert m.get_submodule(part) is m.layers[i]
+            for k, t in m.layers[i].state_dict().items():
+                assert torch.equal(t, model.layers[i].state_dict()[k]), (part, k)
+            assert all(on_meta(layer) for layer in m.layers[i + 1:]) and on_meta(m.tok_embeddings)
+            assert not any(on_meta(layer) for layer in m.layers[:i + 1])
+        else:  # complete: it computes what the saved model computes
+            tokens = torch.randint(0, 256, (1, 9))
+            assert torch.equal(m(tokens), model(tokens))
+        seen.append(part)
+
+    loaded, _ = load_pretrained(save_as(fmt, model, tmp_path / "ckpt"), convert=convert, with_tokenizer=False)
+    assert seen == ["layers.0", "layers.1", "layers.2", "layers.3", ""]
+    assert_same(model, loaded)
+    assert not loaded.training
+
+
+@pytest.mark.parametrize("fmt", ["hf", "meta", "gguf"])
+def test_loading_without_a_hook_gives_what_it_gave_before(fmt, tmp_path):
+    """No hook, or one that changes nothing: the saved tensors bit for bit, as Parameters that train like a fresh
+    model's, a tied head still one Parameter, eval mode, the RoPE table of a model built from the config."""
+    model = tiny_model("tiny-mqa", n_layers=3)
+    source = save_as(fmt, model, tmp_path / "ckpt")
+    plain, _ = load_pretrained(source, with_tokenizer=False)
+    hooked, _ = load_pretrained(source, with_tokenizer=False, convert=lambda m, part: None)
+    for loaded in (plain, hooked):
+        assert_same(model, loaded)
+        assert not loaded.training and not any(m.training for m in loaded.modules())
+        assert all(type(p) is torch.nn.Parameter and p.requires_grad for p in loaded.parameters())
+        assert torch.equal(loaded.rope, model.rope)
+        assert [n for n, _ in loaded.named_parameters()] == [n for n, _ in model.named_parameters()]
+
+
+def test_convert_is_not_called_for_a_checkpoint_that_fails_its_checks(tmp_path):
+    save_hf(tiny_model("tiny-gqa"), tmp_path / "hf")
+    edit_config(tmp_path / "hf", num_hidden_layers=3)
+    calls = []
+    with pytest.raises(CheckpointError, match=r"missing 9 tensor\(s\)"):
+        load_pretrained(tmp_path / "hf", convert=lambda m, part: calls.append(part))
+    assert calls == []  # the tensor list is checked before any tensor is read
