@@ -79,3 +79,24 @@ def test_fp8_error_within_e4m3_rounding():
     # every stored value is a genuine e4m3 number and the row maximum is 448
     assert torch.equal(q["qweight"].float().to(torch.float8_e4m3fn).float(), q["qweight"].float())
     torch.testing.assert_close(q["qweight"].float().abs().amax(1), torch.full((W.shape[0],), 448.0))
+
+
+def test_rows_quantized_a_block_at_a_time_give_the_whole_matrix_numbers(monkeypatch):
+    """numerics.by_rows: a 1000 x 96 matrix in blocks of 10 rows (the embedding of a real model is quantized a few
+    MB at a time) against the same matrix in one piece, for every scheme; int8 also against its formula."""
+    from minllama.quant import SCHEMES
+
+    w = heavy_tailed_weight(1000, 96)
+    whole = {s: cls.quantize_weight(w, **opts) for s, (cls, opts) in SCHEMES.items()}
+    whole["nf4-dq"] = SCHEMES["nf4"][0].quantize_weight(w, double_quant=True)
+    monkeypatch.setattr(numerics, "ROWS_CHUNK", 960)
+    for s, (cls, opts) in SCHEMES.items():
+        blocks = cls.quantize_weight(w, **opts)
+        assert blocks.keys() == whole[s].keys()
+        for k in blocks:
+            assert blocks[k].dtype == whole[s][k].dtype and torch.equal(blocks[k], whole[s][k]), (s, k)
+    dq = SCHEMES["nf4"][0].quantize_weight(w, double_quant=True)
+    assert all(torch.equal(dq[k], whole["nf4-dq"][k]) for k in whole["nf4-dq"])
+    scales = w.abs().amax(dim=1) / 127
+    assert torch.equal(whole["int8"]["scales"], scales)
+    assert torch.equal(whole["int8"]["qweight"], torch.round(w / scales[:, None]).to(torch.int8))

@@ -13,6 +13,8 @@ from torch import Tensor
 # The layouts are read (unpacked, dequantized) by core, whose GGUF loader needs them too: see core/gguf_file.py.
 from minllama.core.gguf_file import BLOCK, BLOCK_BYTES, block_scales, dequantize_blocks, unpack_blocks  # noqa: F401
 
+from .numerics import by_rows
+
 QTYPES = tuple(BLOCK_BYTES)
 
 
@@ -29,12 +31,17 @@ def qtype_of(ggml_quant_type) -> str | None:
 
 
 def quantize_blocks(w: Tensor, qtype: str) -> Tensor:
-    """Float weights (N, K), K a multiple of 32 -> raw GGUF bytes, with the gguf package's (llama.cpp's) encoder."""
-    from gguf.quants import quantize
-
+    """Float weights (N, K), K a multiple of 32 -> raw GGUF bytes, with the gguf package's (llama.cpp's) encoder.
+    A block never spans two rows, so a large matrix is encoded a few MB of rows at a time (``numerics.by_rows``)."""
     if w.shape[1] % BLOCK:
         raise ValueError(f"GGUF {qtype.upper()} needs rows of a multiple of 32 weights, got {w.shape[1]}")
-    return torch.from_numpy(np.ascontiguousarray(quantize(w.float().cpu().numpy(), ggml_type(qtype))))
+    return by_rows(_quantize_block_rows, w, qtype)["blocks"]
+
+
+def _quantize_block_rows(w: Tensor, qtype: str) -> dict[str, Tensor]:
+    from gguf.quants import quantize
+
+    return {"blocks": torch.from_numpy(np.ascontiguousarray(quantize(w.float().cpu().numpy(), ggml_type(qtype))))}
 
 
 def int4_planes(raw: Tensor, qtype: str) -> list[tuple[Tensor, Tensor, Tensor]]:

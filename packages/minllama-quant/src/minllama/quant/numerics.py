@@ -13,6 +13,7 @@ whose first dimension is the output row; the matching ``dequantize_*`` turns it 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -37,6 +38,27 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
+ROWS_CHUNK = 1 << 20  # weights quantized at once by ``by_rows``: float32 temporaries of 4 MB
+
+
+def by_rows(quantize_rows: Callable[..., dict[str, Tensor]], w: Tensor, *args) -> dict[str, Tensor]:
+    """``quantize_rows(w, *args)``, computed a block of whole rows (about ``ROWS_CHUNK`` weights) at a time into
+    outputs allocated once. For a format whose rows are quantized independently of one another the numbers are the
+    same, but the float temporaries (a float32 copy, ``|w|``, ``w / s``, the rounded codes) are a few MB instead of
+    several copies of the matrix: 113 MB each for SmolLM2's fp32 embedding, which is also its head."""
+    step = max(1, ROWS_CHUNK // max(1, w.shape[1]))
+    if w.shape[0] <= step:
+        return quantize_rows(w, *args)
+    first = quantize_rows(w[:step], *args)
+    out = {k: torch.empty((w.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device) for k, t in first.items()}
+    for k, t in first.items():
+        out[k][:step] = t
+    for i in range(step, w.shape[0], step):
+        for k, t in quantize_rows(w[i:i + step], *args).items():
+            out[k][i:i + step] = t
+    return out
+
+
 def _round_fp16(x: Tensor, direction: float) -> Tensor:
     """Round to float16 towards ``direction`` (+inf or -inf), so that the stored value brackets the true one."""
     h = x.half()
@@ -47,6 +69,10 @@ def _round_fp16(x: Tensor, direction: float) -> Tensor:
 # ------------------------------------------------------------------------------------------------------ int8
 def quantize_int8(w: Tensor) -> dict[str, Tensor]:
     """Symmetric int8 per output channel: s = max|w_row| / 127, q = round(w / s). Error <= s/2 per weight."""
+    return by_rows(_quantize_int8_rows, w)
+
+
+def _quantize_int8_rows(w: Tensor) -> dict[str, Tensor]:
     w = w.float()
     scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
@@ -65,6 +91,10 @@ def quantize_int4(w: Tensor, group_size: int) -> dict[str, Tensor]:
     (m down, s up) so that the stored grid still covers the whole range: the error stays <= s/2 for every weight.
     A last partial group is padded with zeros. Returns qweight (N, Kp/2) uint8, scales and mins (N, Kp/g) fp16.
     """
+    return by_rows(_quantize_int4_rows, w, group_size)
+
+
+def _quantize_int4_rows(w: Tensor, group_size: int) -> dict[str, Tensor]:
     wp = pad_columns(w.float(), group_size)
     N, Kp = wp.shape
     groups = wp.view(N, Kp // group_size, group_size)  # (N, G, g)
@@ -113,15 +143,11 @@ def quantize_nf4(w: Tensor, double_quant: bool = False) -> dict[str, Tensor]:
     minus their mean, to int8 in blocks of 256 (0.127 bit/weight). Returns qweight (N, Kp/2) uint8 and either
     absmax (N, Kp/64) fp32 or absmax_q (N, Kp/64) int8 + absmax_scale (n_blocks,) + absmax_mean (1,).
     """
-    wp = pad_columns(w.float(), NF4_BLOCK)
-    N, Kp = wp.shape
-    blocks = wp.view(N, Kp // NF4_BLOCK, NF4_BLOCK)  # (N, B, 64)
-    absmax = blocks.abs().amax(-1).clamp(min=1e-12)  # (N, B)
-    codes = _nearest_level(blocks / absmax[..., None], NF4_LEVELS)  # (N, B, 64)
-    out = {"qweight": pack_nibbles(codes.view(N, Kp))}
+    out = by_rows(_quantize_nf4_rows, w)  # the blocks of 64 never span two rows; double quantization spans all
     if not double_quant:
-        out["absmax"] = absmax
         return out
+    absmax = out.pop("absmax")
+    N = absmax.shape[0]
     mean = absmax.mean()
     centred = pad_columns((absmax - mean).reshape(1, -1), DQ_BLOCK).view(-1, DQ_BLOCK)  # (n_blocks, 256)
     scale2 = centred.abs().amax(-1).clamp(min=1e-12) / 127  # (n_blocks,)
@@ -129,6 +155,15 @@ def quantize_nf4(w: Tensor, double_quant: bool = False) -> dict[str, Tensor]:
     out["absmax_q"] = q2.view(-1)[: absmax.numel()].view(N, -1)
     out["absmax_scale"], out["absmax_mean"] = scale2, mean.reshape(1)
     return out
+
+
+def _quantize_nf4_rows(w: Tensor) -> dict[str, Tensor]:
+    wp = pad_columns(w.float(), NF4_BLOCK)
+    N, Kp = wp.shape
+    blocks = wp.view(N, Kp // NF4_BLOCK, NF4_BLOCK)  # (N, B, 64)
+    absmax = blocks.abs().amax(-1).clamp(min=1e-12)  # (N, B)
+    codes = _nearest_level(blocks / absmax[..., None], NF4_LEVELS)  # (N, B, 64)
+    return {"qweight": pack_nibbles(codes.view(N, Kp)), "absmax": absmax}
 
 
 def nf4_absmax(absmax_q: Tensor, absmax_scale: Tensor, absmax_mean: Tensor) -> Tensor:
@@ -153,6 +188,10 @@ def quantize_fp8(w: Tensor) -> dict[str, Tensor]:
     """e4m3 per output channel: s = max|w_row| / 448 puts the largest weight at the top of the fp8 range;
     w / s is rounded to the nearest e4m3 value (3 mantissa bits: relative error <= 2^-4; below 2^-6 the
     subnormals have a fixed step of 2^-9, absolute error <= 2^-10)."""
+    return by_rows(_quantize_fp8_rows, w)
+
+
+def _quantize_fp8_rows(w: Tensor) -> dict[str, Tensor]:
     w = w.float()
     scales = w.abs().amax(dim=1).clamp(min=1e-12) / FP8_E4M3_MAX  # (N,)
     return {"qweight": (w / scales[:, None]).to(torch.float8_e4m3fn), "scales": scales}
