@@ -120,6 +120,44 @@ def test_only_one_token_steps_of_one_sequence_without_grad_take_the_fast_path(mo
 
 
 @needs_kernel
+def test_weights_kept_between_steps_follow_every_change_to_the_model(monkeypatch):
+    """The gathered weights are reused from step to step (GatheredWeights): a module swapped in, a buffer or a
+    parameter replaced, a class changed or a copy of the model must each be seen at the next step."""
+    spy = CountingExtension(cpu_gemv._extension())
+    monkeypatch.setattr(cpu_gemv, "_extension", lambda: spy)
+    model, tokens = odd_model(), torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    fast = use_cpu_decode(copy.deepcopy(model))
+
+    def same_steps():  # the fast model's decode steps equal core's on the same weights, now
+        torch.testing.assert_close(steps(fast, tokens, 4)[0], steps(remove_cpu_decode(copy.deepcopy(fast)), tokens,
+                                                                      4)[0], rtol=1e-5, atol=1e-5)
+
+    same_steps()
+    attn = fast.layers[1].attention
+    attn.wq = nn.Linear(40, 40, bias=False)  # a new module
+    same_steps()
+    attn.wk.weight = nn.Parameter(torch.randn_like(attn.wk.weight))  # a new parameter
+    same_steps()
+    int8 = Int8Linear(attn.wv)
+    attn.wv = int8
+    int8._buffers["scales"] = int8.scales * 2  # replaced as Module._apply does: no setattr, no hook
+    same_steps()
+    copied = copy.deepcopy(fast)  # a copy keeps no gathered weights of the original
+    with torch.no_grad():
+        copied.layers[0].feed_forward.w2.weight.mul_(3)
+    torch.testing.assert_close(steps(copied, tokens, 4)[0], steps(remove_cpu_decode(copy.deepcopy(copied)), tokens,
+                                                                    4)[0], rtol=1e-5, atol=1e-5)
+    before = spy.layers
+    fast.layers[0].feed_forward.w1.__class__ = LoraLinear  # a class the C++ step does not read: core's forward
+    same_steps()
+    assert spy.layers == before, "a step ran in C++ with a layer it cannot read"
+
+
+class LoraLinear(nn.Linear):
+    pass
+
+
+@needs_kernel
 def test_the_swap_keeps_weights_and_subclasses_and_is_undone():
     class MyLlama(MinimalLlama):
         pass
@@ -133,9 +171,6 @@ def test_the_swap_keeps_weights_and_subclasses_and_is_undone():
 
 
 def test_models_it_cannot_run_are_left_alone_with_the_reason():
-    class LoraLinear(nn.Linear):
-        pass
-
     model = odd_model()
     model.layers[1].attention.wq.__class__ = LoraLinear
     assert "layer 1's wq is a LoraLinear" in cpu_decode_unsupported(model)
