@@ -70,10 +70,12 @@ def bench_ours(args, compile: bool, cpu_decode: bool = False) -> dict:
     from minllama.core.generate import generate_stream
 
     t0 = time.perf_counter()
-    model, _ = load_pretrained(MODEL, dtype=DTYPES[args.dtype], device=args.device)
-    if args.dtype == "int8":
-        from minllama.quant import prepare, quantize
-        prepare(quantize(model, "int8"))
+    if args.dtype == "int8":  # each layer quantized as it is read: the fp32 model never exists whole
+        from minllama.quant import load_pretrained_quantized, prepare
+        model, _ = load_pretrained_quantized(MODEL, "int8", DTYPES[args.dtype], args.device)
+        prepare(model)
+    else:
+        model, _ = load_pretrained(MODEL, dtype=DTYPES[args.dtype], device=args.device)
     if cpu_decode:  # one-token steps through the C++ decoder layers (built on first use, then cached)
         from minllama.kernels.cpu_decode import cpu_decode_unsupported, use_cpu_decode
         if reason := cpu_decode_unsupported(model):
