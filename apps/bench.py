@@ -1,6 +1,6 @@
 """Prefill and decode speed of MinimalLlama vs Hugging Face transformers and llama.cpp, on the same weights, in one run.
 
-    uv run apps/bench.py                 # SmolLM2-135M-Instruct, fp32 and bf16, every mode, every implementation
+    uv run apps/bench.py                 # SmolLM2-135M-Instruct, every format, every mode, every implementation
     uv run apps/bench.py --dtypes float32 # fp32 only
     uv run apps/bench.py --no-compile    # eager only (compiling takes minutes on a small CPU)
     uv run apps/bench.py --no-compile --runs 1 --prompt-len 16 --new-tokens 4    # a smoke run
@@ -8,7 +8,9 @@
 
 MinimalLlama runs in three modes: eager (the model as written), cpu-decode (eager, with each one-token step's
 decoder layers in C++: ``minllama.kernels.cpu_decode``, on CPUs with AVX-512) and compiled (``torch.compile``).
-llama.cpp runs on the same GGUF weights re-encoded to F32 (against fp32) and F16 (against bf16) when
+Besides fp32 and bf16, three quantized formats (``--dtypes``): minllama-quant's int8 and int4 (groups of 32, the head
+in int8) and the shipped file's own Q4_1 blocks. llama.cpp runs on the same GGUF weights re-encoded to F32 (against
+fp32), F16 (against bf16) and Q8_0 (against int8), and on the shipped Q4_1 file (against int4 and q4_1), when
 ``llama-cpp-python`` is installed; it builds from source, so it is not a dependency: ``apps/bench_llamacpp.py``
 says how to install it, and its rows are skipped with a note when it is absent.
 
@@ -36,9 +38,13 @@ import torch
 from minllama.core.dtypes import DTYPES as CORE_DTYPES
 
 MODEL = "smollm2-135m-instruct"
-SHORT = {"float32": "fp32", "bfloat16": "bf16", "int8": "int8"}  # the formats measured, as the table names them
-LLAMA_CPP_FORMAT = {"float32": "F32", "bfloat16": "F16", "int8": "Q8_0"}  # llama.cpp's format for each of ours
-# int8: minllama-quant's int8 weights (one scale per output channel) on an fp32 model; transformers has no row
+# the formats measured, as the table names them: fp32 and bf16 (core), and on an fp32 model minllama-quant's int8
+# (one scale per output channel) and int4 (groups of 32, the head in int8), and q4_1: the shipped GGUF file's own
+# Q4_1 blocks (minllama-quant's load_gguf_quantized; its embedding and head are Q8_0). transformers has no
+# quantized rows.
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "int8": "int8", "int4": "int4", "q4_1": "q4_1"}
+LLAMA_CPP_FORMAT = {"float32": "F32", "bfloat16": "F16", "int8": "Q8_0", "int4": "Q4_1", "q4_1": "Q4_1"}
+FLOATS, QUANTIZED = ("float32", "bfloat16"), ("int8", "int4", "q4_1")
 DTYPES = {name: CORE_DTYPES.get(name, torch.float32) for name in SHORT}  # the dtype each format loads in
 
 
@@ -70,12 +76,18 @@ def bench_ours(args, compile: bool, cpu_decode: bool = False) -> dict:
     from minllama.core.generate import generate_stream
 
     t0 = time.perf_counter()
-    if args.dtype == "int8":  # each layer quantized as it is read: the fp32 model never exists whole
-        from minllama.quant import load_pretrained_quantized, prepare
-        model, _ = load_pretrained_quantized(MODEL, "int8", DTYPES[args.dtype], args.device)
-        prepare(model)
+    if args.dtype in ("int8", "int4"):  # each layer quantized as it is read: the fp32 model never exists whole
+        from minllama.quant import load_pretrained_quantized
+        options = dict(group_size=32, head="int8") if args.dtype == "int4" else {}
+        model, _ = load_pretrained_quantized(MODEL, args.dtype, DTYPES[args.dtype], args.device, **options)
+    elif args.dtype == "q4_1":  # the file's blocks as they are
+        from minllama.quant.gguf_model import load_gguf_quantized
+        model, _ = load_gguf_quantized(device=args.device)
     else:
         model, _ = load_pretrained(MODEL, dtype=DTYPES[args.dtype], device=args.device)
+    if args.dtype in QUANTIZED and not cpu_decode:  # PyTorch's packed low-bit kernels (the C++ step reads the
+        from minllama.quant import prepare  # quantized buffers themselves: no second copy in another layout)
+        prepare(model)
     if cpu_decode:  # one-token steps through the C++ decoder layers (built on first use, then cached)
         from minllama.kernels.cpu_decode import cpu_decode_unsupported, use_cpu_decode
         if reason := cpu_decode_unsupported(model):
@@ -264,9 +276,10 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated in the decode measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where both models run: cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtypes", default="float32,bfloat16,int8",
-                   help=f"comma-separated weight formats to measure, of {', '.join(DTYPES)} (int8: minllama-quant's "
-                        "int8 weights on an fp32 model, against llama.cpp's Q8_0)")
+    p.add_argument("--dtypes", default=",".join(DTYPES),
+                   help=f"comma-separated weight formats to measure, of {', '.join(DTYPES)} (int8 and int4: "
+                        "minllama-quant's weights on an fp32 model, against llama.cpp's Q8_0 and Q4_1; q4_1: the "
+                        "shipped GGUF file's own blocks, against llama.cpp on the same file)")
     p.add_argument("--runs", type=int, default=3,
                    help="measure each configuration this many times (fresh processes, the implementations in "
                         "turn); the comparison uses each one's best run")
@@ -308,10 +321,10 @@ def main() -> None:
             configs += [("minllama", f"{kind} {SHORT[d]}", d)]
             if args.baseline and kind != "cpu-decode":  # a baseline checkout may not have the C++ decode step
                 configs += [("minllama@baseline", f"{kind} {SHORT[d]}", d)]
-            if kind != "cpu-decode" and not args.no_hf and d != "int8":
+            if kind != "cpu-decode" and not args.no_hf and d in FLOATS:
                 configs += [("transformers", f"{kind} {SHORT[d]}", d)]
-        if d in llama_cpp:
-            configs += [("llama.cpp", f"gguf {llama_cpp[d]}", d)]
+        if d in llama_cpp and ("llama.cpp", f"gguf {llama_cpp[d]}") not in [c[:2] for c in configs]:
+            configs += [("llama.cpp", f"gguf {llama_cpp[d]}", d)]  # (int4 and q4_1 share llama.cpp's Q4_1 row)
     modes = list(dict.fromkeys(mode for _, mode, _ in configs))
     loads, cores = [os.getloadavg()[0]], os.cpu_count() or 1
     print(f"{MODEL}, {'/'.join(SHORT[d] for d in dtypes)}, {args.device}, torch {torch.__version__}, "
@@ -340,7 +353,7 @@ def main() -> None:
                 print(f"{impl:<17} {mode:<16} {run:>3} {r['load_s']:>7.1f} {r['prefill_tok_s']:>14.0f} "
                       f"{r['decode_tok_s']:>13.1f} {r['peak_mb']:>8.0f} {r['warmup_s']:>9.1f}", flush=True)
         loads.append(os.getloadavg()[0])
-    for dtype in (d for d in dtypes if d != "int8"):
+    for dtype in (d for d in dtypes if d in FLOATS):
         b = run_worker(args, "minllama:bound", dtype)
         if "error" not in b:
             rates = [("the machine's read bandwidth", b["machine_gb_s"]), ("F.linear's", b["linear_gb_s"])]

@@ -114,9 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "nf4 and fp8 save memory, not time, on a CPU)")
     p.add_argument("--no-cpu-decode", action="store_true",
                    help="decode through core's PyTorch layers only. By default, on a CPU with AVX-512, each "
-                        "one-token step of an fp32 or bf16 model (also with --quantize int8) runs its decoder "
-                        "layers in C++ (minllama.kernels.cpu_decode: the same arithmetic in fp32, 1.5-3.3x the "
-                        "tokens/s measured; built once on first use, ~20-40 s). Not with --compile")
+                        "one-token step of an fp32 or bf16 model (also with --quantize int8, int4, q8_0, q4_0, "
+                        "q4_1) runs its decoder layers in C++ (minllama.kernels.cpu_decode: fp32 arithmetic; 4-bit "
+                        "weights meet x rounded to int8 per block of 32, as in llama.cpp; 1.5-3.5x the tokens/s "
+                        "measured; built once on first use, ~20-40 s). Not with --compile")
     p.add_argument("--streaming", action="store_true",
                    help="attention sinks + a rolling KV cache (StreamingLLM): the chat goes on past the context "
                         "window in bounded memory, and each turn feeds only its new tokens")
@@ -255,20 +256,22 @@ def answer(model, tokenizer, fmt, messages, args, generator, interruptible: bool
     return "".join(pieces)
 
 
-def use_cpu_decode_if_possible(model) -> None:
-    """The C++ decode step (minllama-kernels) where it can run; otherwise, or without the package, nothing."""
+def use_cpu_decode_if_possible(model) -> bool:
+    """The C++ decode step (minllama-kernels) where it can run; otherwise, or without the package, nothing.
+    Returns whether it runs."""
     try:
-        from minllama.kernels.cpu_decode import cpu_decode_unsupported, use_cpu_decode
+        from minllama.kernels.cpu_decode import CpuDecodeMixin, cpu_decode_unsupported, use_cpu_decode
         from minllama.kernels.cpu_gemv import extension_built
     except ImportError:
-        return
-    if cpu_decode_unsupported(model) is not None:  # e.g. no AVX-512, quantized or LoRA layers
-        return
+        return False
+    if cpu_decode_unsupported(model) is not None:  # e.g. no AVX-512, NF4 or LoRA layers
+        return False
     if sys.stderr.isatty() and not extension_built():
         print("(building the C++ decode step, once: ~30 s...)", end="", file=sys.stderr, flush=True)
     use_cpu_decode(model)
     if sys.stderr.isatty():
         print(CLEAR_LINE, end="", file=sys.stderr, flush=True)
+    return isinstance(model, CpuDecodeMixin)  # False if the build failed (it warned why)
 
 
 def load_model(args, dtype: torch.dtype, device: str):
@@ -281,8 +284,13 @@ def load_model(args, dtype: torch.dtype, device: str):
 
     scheme, options = QUANT[args.quantize]
     model, tokenizer = load_pretrained_quantized(args.checkpoint, scheme, dtype, device, **options)
-    prepare(model)  # the packed kernels' layouts, built now rather than at the first token
+    if not cpu_decode_wanted(args, device):  # (the C++ step reads the quantized buffers themselves)
+        prepare(model)  # the packed kernels' layouts, built now rather than at the first token
     return model, tokenizer
+
+
+def cpu_decode_wanted(args, device: str) -> bool:
+    return device == "cpu" and not (args.compile or args.no_cpu_decode)
 
 
 def main(argv=None) -> int:
@@ -311,8 +319,9 @@ def main(argv=None) -> int:
         print(f"error: {args.checkpoint} has no tokenizer file (tokenizer.json or tokenizer.model); add one",
               file=sys.stderr)
         return 2
-    if device == "cpu" and not (args.compile or args.no_cpu_decode):
-        use_cpu_decode_if_possible(model)
+    if cpu_decode_wanted(args, device) and not use_cpu_decode_if_possible(model) and args.quantize:
+        from minllama.quant import prepare
+        prepare(model)  # no C++ step here after all: PyTorch's packed kernels decode
     if args.compile:  # a CUDA build of torch on a machine without CUDA warns about it when it first compiles
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     fmt = chat_format_for(tokenizer)

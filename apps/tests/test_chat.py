@@ -61,9 +61,10 @@ def test_chat_help_documents_every_option():
 
 def test_bench_runs_and_compares():
     out = run(APPS / "bench.py", "--no-compile", "--runs", "1", "--prompt-len", "16", "--new-tokens", "4",
-              "--cost-tokens", "64")
+              "--cost-tokens", "64", "--dtypes", "float32,bfloat16,int4,q4_1")
     assert out.returncode == 0, out.stderr
     assert "failed" not in out.stdout, out.stdout
+    assert "eager q4_1" in out.stdout and "eager int4" in out.stdout, out.stdout  # the quantized formats load
     assert "as fast as transformers" in out.stdout and "one run each" in out.stdout
     assert "eager bf16" in out.stdout and "in bf16 decodes" in out.stdout  # both dtypes, side by side
     cost = next(line for line in out.stdout.splitlines() if line.startswith("bf16's accuracy cost on 64 tokens"))

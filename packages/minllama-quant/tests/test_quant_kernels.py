@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+aten = torch.ops.aten
+
 from minllama.quant import FP8Linear, GGUFLinear, Int4Linear, Int8Linear, kernels, quantize, set_path
 from quant_helpers import ALL_SCHEMES, heavy_tailed_weight, tiny_model
 
@@ -51,6 +53,14 @@ def test_4bit_with_a_row_count_the_cpu_kernel_cannot_pack_takes_the_fallback(sch
     x = torch.randn(3, 64)
     assert not m.prepare(CPU)
     torch.testing.assert_close(m(x), x @ m.dequantize().T)
+
+
+@pytest.mark.skipif(not kernels.has_int4_kernel(CPU), reason="no int4 kernel in this torch")
+def test_int4_pack_built_a_slab_of_rows_at_a_time_equals_one_piece():
+    codes = torch.randint(0, 16, (4096 + 48, 576), dtype=torch.uint8)  # 3 slabs of 1792 rows, the last partial
+    s, z = torch.rand(codes.shape[0], 18) + 0.1, torch.randn(codes.shape[0], 18)
+    pack = kernels.Int4Pack(codes, s, z, 32, CPU)
+    assert torch.equal(pack.packed, aten._convert_weight_to_int4pack_for_cpu(codes.int(), kernels.INNER_K_TILES))
 
 
 @pytest.mark.skipif(not kernels.has_int4_kernel(CPU), reason="no int4 kernel in this torch")

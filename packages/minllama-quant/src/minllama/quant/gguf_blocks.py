@@ -54,13 +54,13 @@ def int4_planes(raw: Tensor, qtype: str) -> list[tuple[Tensor, Tensor, Tensor]]:
 
     (lo = q & 15 in 0..15 and hi = q >> 4 in -8..7, an exact split of every int8.) So Q8_0 also runs on the int4
     kernel: two passes over half a byte per weight each read exactly the bytes of the int8 codes.
+    The codes are uint8 (one byte a weight: SmolLM2's Q8_0 head as int32 planes would be 2 x 113 MB at once).
     """
     p = unpack_blocks(raw, qtype)
     d, codes = p["d"], p["codes"]
     if qtype == "q4_0":
-        return [(codes.int(), d, torch.zeros_like(d))]
+        return [(codes, d, torch.zeros_like(d))]
     if qtype == "q4_1":
-        return [(codes.int(), d, p["m"] + 8 * d)]
-    q = codes.int()
-    hi, lo = q >> 4, q & 15  # arithmetic shift: hi in -8..7
-    return [(hi + 8, 16 * d, torch.zeros_like(d)), (lo, d, 8 * d)]
+        return [(codes, d, p["m"] + 8 * d)]
+    hi, lo = (codes >> 4) + 8, codes & 15  # int8 arithmetic shift: q >> 4 in -8..7
+    return [(hi.view(torch.uint8), 16 * d, torch.zeros_like(d)), (lo.view(torch.uint8), d, 8 * d)]

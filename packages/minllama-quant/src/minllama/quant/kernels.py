@@ -58,11 +58,16 @@ class Int4Pack:
     """An int4 weight in the kernel's layout for one device: (codes, scales, zeros) -> packed + sz."""
 
     def __init__(self, codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int, device: torch.device):
-        # codes (N, K) int 0..15; scales, zeros (N, K/group): w = (q - 8) * scale + zero
-        codes = codes.to(device=device, dtype=torch.int32)
+        # codes (N, K) int 0..15 (any integer dtype); scales, zeros (N, K/group): w = (q - 8) * scale + zero
         if device.type == "cpu":
-            self.packed = aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INNER_K_TILES)
+            # the CPU packing takes int32 codes (4 bytes a weight: 113 MB for SmolLM2's head) and packs tiles of 64
+            # rows on their own, so it goes ~1M weights of whole tiles at a time (the same bytes as in one piece,
+            # tested; slabs that are not whole tiles are not)
+            rows = max(64, (1 << 20) // codes.shape[1] // 64 * 64)
+            self.packed = torch.cat([aten._convert_weight_to_int4pack_for_cpu(
+                codes[i:i + rows].to(torch.int32).contiguous(), INNER_K_TILES) for i in range(0, codes.shape[0], rows)])
         else:  # CUDA wants two codes per byte, the even column in the high nibble
+            codes = codes.to(device=device, dtype=torch.int32)
             as_bytes = (codes[:, 0::2] << 4 | codes[:, 1::2]).to(torch.uint8)
             self.packed = aten._convert_weight_to_int4pack(as_bytes.contiguous(), INNER_K_TILES)
         sz = torch.stack([scales.float(), zeros.float()], dim=-1).transpose(0, 1)  # (K/group, N, 2)
