@@ -33,6 +33,32 @@ def test_the_cache_is_sized_by_each_attention_module():
     assert [layer.attention.layer_index for layer in model.layers] == list(range(model.config.n_layers))
 
 
+def test_a_prompt_attends_over_the_filled_slots_only_and_a_first_one_causally(monkeypatch):
+    """A multi-token forward reads only the slots up to its last token (all any of its queries may see): the first
+    prompt is plain causal attention (SDPA's fast path, mask None) instead of a masked pass over the whole cache,
+    with the same logits; one-token steps keep every slot (fixed shapes for torch.compile)."""
+    model = tiny_model("tiny-gqa")
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        seen.append((k.shape[2], attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(tokens)  # no cache: causal over the 12 tokens
+        cache = StaticKVCache(model, 1, 100)
+        first = model(tokens[:, :7], cache.reserve(7), cache=cache)
+        assert seen[-1] == (7, True, True)  # 7 slots of 100, no mask
+        rest = model(tokens[:, 7:11], cache.reserve(4), cache=cache)
+        assert seen[-1] == (11, False, False)  # slots 0..10, masked causally from position 7
+        last = model(tokens[:, 11:], cache.reserve(1), cache=cache)
+        assert seen[-1][0] == 100  # decoding: the whole cache, masked
+    torch.testing.assert_close(torch.cat([first, rest, last], 1), want, rtol=1e-5, atol=1e-5)
+
+
 def test_reserve_hands_out_positions_and_refuses_overflow():
     cache = StaticKVCache(tiny_model(), 1, 8)
     assert cache.reserve(5).tolist() == [0, 1, 2, 3, 4] and cache.reserve(1).tolist() == [5]

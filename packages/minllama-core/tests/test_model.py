@@ -66,6 +66,21 @@ def test_rope_rotates_pairs_by_position_times_frequency():
     torch.testing.assert_close(dot(10, 4), dot(30, 24), atol=1e-4, rtol=1e-4)
 
 
+def test_rope_as_complex_multiplication_equals_the_rotation_spelled_out(monkeypatch):
+    """Eager RoPE multiplies complex numbers; under torch.compile (no complex code in Inductor) the same product is
+    written with cos and sin: both branches give the same numbers, also for a bf16 x and a per-row table."""
+    cfg = LlamaConfig.from_name("tiny-gqa")
+    table = rope_cache(rope_frequencies(cfg), 9)
+    for x, rope in ((torch.randn(2, 9, 3, cfg.head_dim), table), (torch.randn(2, 9, 3, cfg.head_dim).bfloat16(),
+                                                                   table.expand(2, -1, -1, -1))):
+        eager = apply_rope(x, rope)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        spelled = apply_rope(x, rope)
+        monkeypatch.undo()
+        assert eager.dtype == x.dtype
+        torch.testing.assert_close(eager, spelled, rtol=1e-6, atol=1e-6)
+
+
 def test_llama31_rope_scaling_matches_published_rule():
     """Meta's rule: wavelength > orig/low -> freq/factor; < orig/high -> unchanged; in between, blended."""
     cfg = LlamaConfig.from_name("llama3.1-8b")

@@ -112,9 +112,18 @@ class StaticKVCache(KVCache):
         other.length = n
         return other
 
+    visible: int | None = None  # the slots the current forward attends over (set by plan; None: all)
+
     def plan(self, input_pos: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        # a pure function of its tensors (no Python state is read): the compiled decode step never recompiles
-        return positions_of(input_pos, pad), input_pos, attention_mask(input_pos, self.capacity, pad)
+        # One new token, or inside torch.compile: every slot, filled or not (masked), so that no shape ever changes
+        # and the compiled decode step never recompiles (a pure function of its tensors). Several new tokens in
+        # eager mode (a prompt): only the slots up to the last of them, all that any of their queries may see.
+        # From position 0 without padding that is plain causal attention (mask None): SDPA's fast path, where a
+        # masked pass over the whole cache (4096 slots for a chat's first prompt) would do several times the work.
+        self.visible = self.capacity
+        if input_pos.numel() > 1 and not torch.compiler.is_compiling():
+            self.visible = int(input_pos.max()) + 1
+        return positions_of(input_pos, pad), input_pos, attention_mask(input_pos, self.visible, pad)
 
     def update(self, attn: Attention, q: Tensor, k: Tensor, v: Tensor, rope: Tensor,
                slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -124,7 +133,8 @@ class StaticKVCache(KVCache):
         k_all, v_all = self.k[attn.layer_index], self.v[attn.layer_index]
         k_all.index_copy_(2, slots, k.transpose(1, 2))  # in place: the buffers never change
         v_all.index_copy_(2, slots, v.transpose(1, 2))
-        return q.transpose(1, 2), k_all, v_all
+        n = self.visible  # (plan's)
+        return q.transpose(1, 2), k_all[:, :, :n], v_all[:, :, :n]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
