@@ -9,6 +9,7 @@ import torch
 from minllama.core.cache import StaticKVCache
 from minllama.core.config import LlamaConfig
 from minllama.core.generate import generate
+from minllama.core.dtypes import cpu_flags
 from minllama.core.model import MinimalLlama
 from minllama.kernels.cpu_decode import cpu_decode_unsupported, use_cpu_decode
 from minllama.kernels.cpu_gemv import _extension, cpu_gemv_supported
@@ -39,6 +40,8 @@ CASES = [("int8", {}), ("int4", dict(group_size=32, head="int8")), ("int4", dict
 def integer_dot(request):
     """The C++ step's two ways with 4-bit and GGUF blocks (see minllama-kernels' csrc/blocks.h): fp32, exact on x,
     or integer dot products on x rounded to int8 per block of 32 (AVX512-VNNI; int8-per-channel is always fp32)."""
+    if request.param and "avx512_vnni" not in (cpu_flags() or set()):
+        pytest.skip("the CPU has no AVX512-VNNI: the integer path never runs here")
     ext = _extension()
     before = ext.set_integer_dot(request.param)
     yield request.param

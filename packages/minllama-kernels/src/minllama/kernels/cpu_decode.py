@@ -1,4 +1,4 @@
-"""Batch-1 decoding on a CPU with one C++ call per decoder layer, and the swap that applies it to a model.
+"""Batch-1 decoding on a CPU with the decoder layers in C++ (one call per token), and the swap that applies it.
 
 Why: a decode step of a small model is not limited by arithmetic but by two other things. Its matrix-vector
 products must stream every weight from memory once (``cpu_gemv``: the bandwidth bound), and in between come
@@ -165,6 +165,8 @@ class CpuDecodeMixin:
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, pad: Tensor | None = None,
                 last_only: bool = False, cache=None) -> Tensor:
+        if tokens.device.type != "cpu":  # moved off the CPU: the weights gathered there must not stay alive
+            _gathered.pop(self, None)
         layers = self._one_token_step(tokens, input_pos, pad, cache) and current_layer_weights(self)
         head = layers and matrix(self.output)
         if not head:  # not a one-token step, or a module the C++ step cannot read was swapped in since

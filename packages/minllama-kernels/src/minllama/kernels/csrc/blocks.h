@@ -40,6 +40,7 @@ struct BlockMatrix {
   int64_t blocks_per_group = 1;
   bool bytes = false;        // 8-bit signed codes (Q8_0: 32 bytes a block); otherwise 16 bytes of 4-bit codes
   bool interleaved = false;  // int4's nibble order (see the top)
+  bool scales_apart = false;  // int4: d and m in fp16 arrays of their own (GGUF: at the start of each block)
 };
 
 inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
@@ -181,7 +182,7 @@ inline __m512i step_codes(const uint8_t* c, int64_t stride, int64_t count, __m51
 // d (and m) of blocks first .. first+count of row n, as 16 fp32 lanes (the lanes past count are 0).
 inline void block_numbers(const BlockMatrix& W, int64_t n, int64_t first, int64_t count, __m512& d, __m512& m) {
   const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
-  if (W.d_group == 2) {  // int4: fp16 arrays, one number per group of blocks_per_group blocks
+  if (W.scales_apart) {  // int4: fp16 arrays, one number per group of blocks_per_group blocks (d_group = 2)
     const int64_t per = W.blocks_per_group, g0 = first / per, groups = (count + per - 1) / per;
     const __mmask16 valid_groups = static_cast<__mmask16>((1u << groups) - 1);
     const __m512i to_block = _mm512_srli_epi32(  // lane i reads group i / per (per is 1, 2, 4, 8 or 16)

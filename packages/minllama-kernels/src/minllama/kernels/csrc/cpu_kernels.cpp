@@ -105,7 +105,7 @@ Matrix read_matrix(const std::string& kind, const std::vector<torch::Tensor>& t,
                 ": int4 groups must be a multiple of 32 columns");
     const int64_t group = padded / groups;
     TORCH_CHECK(K <= padded && padded - K < group, name, ": int4 codes for ", padded, " columns do not fit K = ", K);
-    B.K_padded = padded, B.codes = bytes_of(w), B.codes_block = 16, B.interleaved = true;
+    B.K_padded = padded, B.codes = bytes_of(w), B.codes_block = 16, B.interleaved = true, B.scales_apart = true;
     B.blocks_per_group = group / 32;
     B.d = bytes_of(t[1]), B.d_row = 2 * groups, B.d_group = 2;
     B.m = bytes_of(t[2]), B.m_row = 2 * groups, B.m_group = 2;
@@ -332,8 +332,9 @@ void decoder_layers(torch::Tensor x, std::vector<LayerSpec> layers, std::vector<
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = W @ x for one token: x (K,) fp32, W given as (kind, tensors) (see cpu_kernels.cpp)",
         py::arg("x"), py::arg("kind"), py::arg("tensors"));
-  m.def("set_integer_dot", [](bool on) { return std::exchange(minllama::integer_dot(), on); },
+  m.def("set_integer_dot",  // never on where the CPU has no VNNI: vpdpbusd would be an illegal instruction
+        [](bool on) { return std::exchange(minllama::integer_dot(), on && __builtin_cpu_supports("avx512vnni")); },
         "4-bit and 8-bit blocks with integer dot products (AVX512-VNNI, x rounded to int8 per block; the default "
-        "where the CPU has it) or in fp32; returns the previous setting");
+        "where the CPU has it; refused, staying fp32, where it has not) or in fp32; returns the previous setting");
   m.def("decoder_layers", &decoder_layers, "Llama decoder layers for one token, in place (see cpu_kernels.cpp)");
 }
