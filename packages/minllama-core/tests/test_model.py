@@ -70,9 +70,11 @@ def test_rope_as_complex_multiplication_equals_the_rotation_spelled_out(monkeypa
     """Eager RoPE multiplies complex numbers; under torch.compile (no complex code in Inductor) the same product is
     written with cos and sin: both branches give the same numbers, also for a bf16 x and a per-row table."""
     cfg = LlamaConfig.from_name("tiny-gqa")
+    torch.manual_seed(0)
     table = rope_cache(rope_frequencies(cfg), 9)
+    strided = torch.randn(2, 9, 3, 2 * cfg.head_dim)[..., ::2]  # a view: channels 2 apart (no complex view of it)
     for x, rope in ((torch.randn(2, 9, 3, cfg.head_dim), table), (torch.randn(2, 9, 3, cfg.head_dim).bfloat16(),
-                                                                   table.expand(2, -1, -1, -1))):
+                                                                   table.expand(2, -1, -1, -1)), (strided, table)):
         eager = apply_rope(x, rope)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         spelled = apply_rope(x, rope)

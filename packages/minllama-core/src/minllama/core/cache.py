@@ -119,7 +119,7 @@ class StaticKVCache(KVCache):
         # and the compiled decode step never recompiles (a pure function of its tensors). Several new tokens in
         # eager mode (a prompt): only the slots up to the last of them, all that any of their queries may see.
         # From position 0 without padding that is plain causal attention (mask None): SDPA's fast path, where a
-        # masked pass over the whole cache (4096 slots for a chat's first prompt) would do several times the work.
+        # masked pass over the whole cache (a long chat's cache has thousands of slots) would do several times the work.
         self.visible = self.capacity
         if input_pos.numel() > 1 and not torch.compiler.is_compiling():
             self.visible = int(input_pos.max()) + 1
