@@ -220,6 +220,24 @@ def test_cp_training_bad_sizes_are_one_clear_error(model_runs):
     assert "--batch-size 3 must be a multiple of the 2 ranks" in model_runs[0]["batch_error"]
 
 
+def test_a_kv_cache_inside_a_sequence_is_refused_even_for_a_first_prompt():
+    # a first prompt into a cache attends over exactly its tokens (core's StaticKVCache), like a training pass, but
+    # the cache would keep only this rank's chunk: refused before anything is written
+    from types import SimpleNamespace
+
+    from minllama.core.cache import StaticKVCache
+    from minllama.dist.context_parallel import ContextParallelAttention
+
+    model = tiny_model("tiny-gqa")
+    for layer in model.layers:
+        layer.attention.__class__ = ContextParallelAttention
+        layer.attention.context_parallel = SimpleNamespace(layout=object(), group=None)  # a sequence is active
+    cache = StaticKVCache(model, 1, 16)
+    with pytest.raises(ValueError, match="no padding \\(pad\\), KV cache"):
+        model(torch.tensor([[1, 2, 3]]), cache.reserve(3), cache=cache)
+    assert not cache.k[0].any()
+
+
 def test_apply_context_parallel_refuses_foreign_attention():
     model = tiny_model("tiny-gqa")
     model.layers[1].attention = torch.nn.Identity()

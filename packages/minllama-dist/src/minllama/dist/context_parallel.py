@@ -348,18 +348,26 @@ class ContextParallel:
         return layout.positions[self.rank].clamp(max=max_seq_len - 1).to(device)
 
 
+RING_ONLY = ("ring attention runs plain causal passes only: no padding (pad), KV cache or input longer than the "
+             "layout inside cp.sequence; generate outside it")
+
+
 class ContextParallelAttention(Attention):
     """core's ``Attention`` whose ``attend`` step is ring attention while a layout is active."""
 
     context_parallel: ContextParallel
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None = None, cache=None, slots=None) -> Tensor:
+        if cache is not None and self.context_parallel.layout is not None:  # (a first prompt into a cache is a plain
+            raise ValueError(RING_ONLY)  # causal pass, but the cache would keep only this rank's chunk of it)
+        return super().forward(x, rope, mask, cache, slots)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         layout = self.context_parallel.layout
         if layout is None:
             return super().attend(q, k, v, mask)  # no active sequence: the whole sequence is here
         if mask is not None or k.shape[2] != q.shape[2]:
-            raise ValueError("ring attention runs plain causal passes only: no padding (pad), KV cache or input "
-                             "longer than the layout inside cp.sequence; generate outside it")
+            raise ValueError(RING_ONLY)
         return ring_attention(q, k, v, layout, causal=True, group=self.context_parallel.group)
 
 
