@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-aten = torch.ops.aten
-
 from minllama.quant import FP8Linear, GGUFLinear, Int4Linear, Int8Linear, kernels, quantize, set_path
 from quant_helpers import ALL_SCHEMES, heavy_tailed_weight, tiny_model
+
+aten = torch.ops.aten
 
 CPU = torch.device("cpu")
 W = heavy_tailed_weight(64, 192)
@@ -75,18 +75,6 @@ def test_int4_kernel_equals_its_reference(group):
     # it also rounds its output (and, internally, dequantized weights) to bf16: 2^-7 of the output's scale
     torch.testing.assert_close(got, want, rtol=2**-7, atol=2**-7 * want.abs().max().item())
     assert (got - want).abs().mean() < 2**-9 * want.abs().mean()  # on average far closer: no systematic bias
-
-
-@pytest.mark.skipif(not kernels.has_int4_kernel(CPU), reason="no int4 kernel in this torch")
-@pytest.mark.parametrize("scheme", ["int4", "q4_1"])
-def test_4bit_with_a_row_count_the_cpu_kernel_cannot_pack_takes_the_fallback(scheme):
-    # PyTorch's CPU int4 packing raises "expect N to be dividable by 16" (N = 20 here): the first call must not
-    from minllama.quant.model import scheme_options
-    cls, options = scheme_options(scheme, **({"group_size": 32} if scheme == "int4" else {}))
-    m = cls.from_weight(torch.randn(20, 64), **options)
-    x = torch.randn(3, 64)
-    assert not m.prepare(CPU)
-    torch.testing.assert_close(m(x), x @ m.dequantize().T)
 
 
 @pytest.mark.skipif(not kernels.has_int4_kernel(CPU), reason="no int4 kernel in this torch")
