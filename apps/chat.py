@@ -109,14 +109,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "each time its cache outgrows a power of two (512, 1024 ... tokens; with --streaming only "
                         "once)")
     p.add_argument("--quantize", choices=list(QUANT),
-                   help="quantize the weights after loading (minllama-quant): fewer bytes per token, so faster "
+                   help="quantize the weights as they load, layer by layer (minllama-quant): fewer bytes per token, "
+                        "so faster "
                         "decoding where memory is the limit (int8 and int4 cost < 0.2%% perplexity on SmolLM2; "
                         "nf4 and fp8 save memory, not time, on a CPU)")
     p.add_argument("--no-cpu-decode", action="store_true",
                    help="decode through core's PyTorch layers only. By default, on a CPU with AVX-512, each "
                         "one-token step of an fp32 or bf16 model (also with --quantize int8, int4, q8_0, q4_0, "
                         "q4_1) runs its decoder layers in C++ (minllama.kernels.cpu_decode: fp32 arithmetic; 4-bit "
-                        "weights meet x rounded to int8 per block of 32, as in llama.cpp; 1.5-3.5x the tokens/s "
+                        "weights meet x rounded to int8 per block of 32, as in llama.cpp; 1.6-4.1x the tokens/s "
                         "measured; built once on first use, ~20-40 s). Not with --compile")
     p.add_argument("--streaming", action="store_true",
                    help="attention sinks + a rolling KV cache (StreamingLLM): the chat goes on past the context "
