@@ -93,6 +93,9 @@ def bench_ours(args, compile: bool, cpu_decode: bool = False) -> dict:
         if reason := cpu_decode_unsupported(model):
             raise RuntimeError(f"the C++ decode step cannot run here: {reason}")
         use_cpu_decode(model)
+        if args.dtype in QUANTIZED:  # as chat.py: prompts dequantize each matrix, no packed copy of the weights
+            from minllama.quant import set_path
+            set_path(model, "fallback")
     load_s = time.perf_counter() - t0
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(args.device)

@@ -117,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decode through core's PyTorch layers only. By default, on a CPU with AVX-512, each "
                         "one-token step of an fp32 or bf16 model (also with --quantize int8, int4, q8_0, q4_0, "
                         "q4_1) runs its decoder layers in C++ (minllama.kernels.cpu_decode: fp32 arithmetic; 4-bit "
-                        "weights meet x rounded to int8 per block of 32, as in llama.cpp; 1.6-4.1x the tokens/s "
+                        "weights meet x rounded to int8 per block of 32, as in llama.cpp; 1.7-3.8x the tokens/s "
                         "measured; built once on first use, ~20-40 s). Not with --compile")
     p.add_argument("--streaming", action="store_true",
                    help="attention sinks + a rolling KV cache (StreamingLLM): the chat goes on past the context "
@@ -320,9 +320,14 @@ def main(argv=None) -> int:
         print(f"error: {args.checkpoint} has no tokenizer file (tokenizer.json or tokenizer.model); add one",
               file=sys.stderr)
         return 2
-    if cpu_decode_wanted(args, device) and not use_cpu_decode_if_possible(model) and args.quantize:
-        from minllama.quant import prepare
-        prepare(model)  # no C++ step here after all: PyTorch's packed kernels decode
+    if cpu_decode_wanted(args, device):
+        cpu_decode = use_cpu_decode_if_possible(model)
+        if args.quantize:
+            from minllama.quant import prepare, set_path
+            if cpu_decode:  # prompts dequantize each matrix as they go: no second copy in PyTorch's packed layouts
+                set_path(model, "fallback")  # (+0.1-0.25 s once for a prompt of <= 16 tokens; Q4_1: 0.74 GB, was 0.94)
+            else:
+                prepare(model)  # no C++ step here after all: PyTorch's packed kernels decode
     if args.compile:  # a CUDA build of torch on a machine without CUDA warns about it when it first compiles
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     fmt = chat_format_for(tokenizer)

@@ -56,7 +56,10 @@ class CountingExtension:
         self.layers += len(layers)
         return self.ext.decoder_layers(x, layers, *args)
 
+    gemvs = 0
+
     def gemv(self, *args):
+        self.gemvs += 1
         return self.ext.gemv(*args)
 
 
@@ -155,6 +158,30 @@ def test_weights_kept_between_steps_follow_every_change_to_the_model(monkeypatch
 
 class LoraLinear(nn.Linear):
     pass
+
+
+@needs_kernel
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_prompt_runs_core_layers_and_only_its_last_head_in_cpp(monkeypatch, quantized):
+    model = odd_model(tie_embeddings=quantized)
+    if quantized:
+        model, oracle = int8_model(model)
+    else:
+        oracle = copy.deepcopy(model)
+    fast = use_cpu_decode(model)
+    spy = CountingExtension(cpu_gemv._extension())
+    monkeypatch.setattr(cpu_gemv, "_extension", lambda: spy)
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        caches = [StaticKVCache(m, 1, 16) for m in (fast, oracle)]
+        got, want = (m(tokens, c.reserve(9), last_only=True, cache=c) for m, c in zip((fast, oracle), caches))
+        assert spy.layers == 0 and spy.gemvs == 1 and got.shape == want.shape == (1, 1, 256)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(caches[0].k, caches[1].k):  # the layers ran in core: the same cache
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        fast(tokens)  # all positions' logits, or a batch: core's forward and head
+        fast(torch.cat([tokens, tokens]), last_only=True)
+    assert spy.gemvs == 1
 
 
 @needs_kernel

@@ -11,8 +11,9 @@ are still the ones gathered at the first step (``GatheredWeights``).
 
 ``use_cpu_decode(model)`` changes the class of a core ``MinimalLlama`` (in place, weights untouched) so that its
 ``forward`` takes the fast path exactly when it can: one token of one sequence, a ``StaticKVCache``, no padding,
-no gradient, not being traced by ``torch.compile``, on the CPU. Everything else (prefill, batches, training, other
-caches) is the model's own ``forward``. The model's layers must be core's, in fp32 or bf16, with plain linear
+no gradient, not being traced by ``torch.compile``, on the CPU. A prompt of one sequence (``last_only``) runs
+core's layers and only its last position's head in C++. Everything else (batches, training, other caches) is the
+model's own ``forward``. The model's layers must be core's, in fp32 or bf16, with plain linear
 layers or minllama-quant's int8, int4 or GGUF-block ones (``matrix``); otherwise (LoRA, NF4, fp8 or
 tensor-parallel linears, another attention), or where the extension cannot be had, nothing changes and
 ``cpu_decode_unsupported(model)`` says why. ``remove_cpu_decode(model)`` undoes it.
@@ -167,6 +168,11 @@ class CpuDecodeMixin:
                 last_only: bool = False, cache=None) -> Tensor:
         if tokens.device.type != "cpu":  # moved off the CPU: the weights gathered there must not stay alive
             _gathered.pop(self, None)
+        if self._prompt_of_one_sequence(tokens, last_only) and (head := matrix(self.output)):
+            # a prompt: core's layers (a matrix-matrix product, oneDNN's job), then the head for the last position
+            # in C++, which reads a quantized head as it is stored instead of PyTorch's layouts of it
+            h = self.hidden_states(tokens, input_pos, pad, cache=cache)[0, -1].float().contiguous()  # (dim,)
+            return cpu_gemv._extension().gemv(h, *head).to(self.norm.weight.dtype).view(1, 1, -1)
         layers = self._one_token_step(tokens, input_pos, pad, cache) and current_layer_weights(self)
         head = layers and matrix(self.output)
         if not head:  # not a one-token step, or a module the C++ step cannot read was swapped in since
@@ -181,6 +187,10 @@ class CpuDecodeMixin:
         h = self.norm(x)  # (dim,) fp32: x is fp32, so core's RMSNorm keeps it fp32
         logits = ext.gemv(h, *head)  # (vocab,) fp32
         return logits.to(self.norm.weight.dtype).view(1, 1, -1)  # (B=1, T=1, vocab), the model's dtype
+
+    def _prompt_of_one_sequence(self, tokens: Tensor, last_only: bool) -> bool:
+        return (last_only and tokens.shape[0] == 1 and tokens.shape[1] > 1 and tokens.device.type == "cpu"
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
     def _one_token_step(self, tokens: Tensor, input_pos, pad, cache) -> bool:
         return (tokens.shape == (1, 1) and pad is None and input_pos is not None and type(cache) is StaticKVCache
