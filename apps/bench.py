@@ -85,17 +85,17 @@ def bench_ours(args, compile: bool, cpu_decode: bool = False) -> dict:
         model, _ = load_gguf_quantized(device=args.device)
     else:
         model, _ = load_pretrained(MODEL, dtype=DTYPES[args.dtype], device=args.device)
-    if args.dtype in QUANTIZED and not cpu_decode:  # PyTorch's packed low-bit kernels (the C++ step reads the
-        from minllama.quant import prepare  # quantized buffers themselves: no second copy in another layout)
-        prepare(model)
     if cpu_decode:  # one-token steps through the C++ decoder layers (built on first use, then cached)
         from minllama.kernels.cpu_decode import cpu_decode_unsupported, use_cpu_decode
         if reason := cpu_decode_unsupported(model):
             raise RuntimeError(f"the C++ decode step cannot run here: {reason}")
         use_cpu_decode(model)
-        if args.dtype in QUANTIZED:  # as chat.py: prompts dequantize each matrix, no packed copy of the weights
-            from minllama.quant import set_path
+    if args.dtype in QUANTIZED:  # as chat.py
+        from minllama.quant import prepare, set_path
+        if cpu_decode:  # the C++ step reads the quantized buffers: prompts dequantize each matrix, no packed copy
             set_path(model, "fallback")
+        else:  # PyTorch's packed low-bit kernels decode
+            prepare(model)
     load_s = time.perf_counter() - t0
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(args.device)

@@ -109,10 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "each time its cache outgrows a power of two (512, 1024 ... tokens; with --streaming only "
                         "once)")
     p.add_argument("--quantize", choices=list(QUANT),
-                   help="quantize the weights as they load, layer by layer (minllama-quant): fewer bytes per token, "
-                        "so faster "
-                        "decoding where memory is the limit (int8 and int4 cost < 0.2%% perplexity on SmolLM2; "
-                        "nf4 and fp8 save memory, not time, on a CPU)")
+                   help="quantize the weights as they load, layer by layer (minllama-quant): fewer bytes per "
+                        "token, so faster decoding where memory is the limit (int8 and int4 cost < 0.2%% perplexity "
+                        "on SmolLM2; nf4 and fp8 save memory, not time, on a CPU)")
     p.add_argument("--no-cpu-decode", action="store_true",
                    help="decode through core's PyTorch layers only. By default, on a CPU with AVX-512, each "
                         "one-token step of an fp32 or bf16 model (also with --quantize int8, int4, q8_0, q4_0, "
@@ -281,17 +280,10 @@ def load_model(args, dtype: torch.dtype, device: str):
     ~0.82 GB of RSS where loading in fp32, then quantizing, took 1.36 GB."""
     if not args.quantize:
         return load_pretrained(args.checkpoint, dtype=dtype, device=device)
-    from minllama.quant import load_pretrained_quantized, prepare  # only needed (and installed) for --quantize
+    from minllama.quant import load_pretrained_quantized  # only needed (and installed) for --quantize
 
     scheme, options = QUANT[args.quantize]
-    model, tokenizer = load_pretrained_quantized(args.checkpoint, scheme, dtype, device, **options)
-    if not cpu_decode_wanted(args, device):  # (the C++ step reads the quantized buffers themselves)
-        prepare(model)  # the packed kernels' layouts, built now rather than at the first token
-    return model, tokenizer
-
-
-def cpu_decode_wanted(args, device: str) -> bool:
-    return device == "cpu" and not (args.compile or args.no_cpu_decode)
+    return load_pretrained_quantized(args.checkpoint, scheme, dtype, device, **options)
 
 
 def main(argv=None) -> int:
@@ -320,14 +312,13 @@ def main(argv=None) -> int:
         print(f"error: {args.checkpoint} has no tokenizer file (tokenizer.json or tokenizer.model); add one",
               file=sys.stderr)
         return 2
-    if cpu_decode_wanted(args, device):
-        cpu_decode = use_cpu_decode_if_possible(model)
-        if args.quantize:
-            from minllama.quant import prepare, set_path
-            if cpu_decode:  # prompts dequantize each matrix as they go: no second copy in PyTorch's packed layouts
-                set_path(model, "fallback")  # (+0.1-0.25 s once for a prompt of <= 16 tokens; Q4_1: 0.74 GB, was 0.94)
-            else:
-                prepare(model)  # no C++ step here after all: PyTorch's packed kernels decode
+    cpu_decode = device == "cpu" and not (args.compile or args.no_cpu_decode) and use_cpu_decode_if_possible(model)
+    if args.quantize:
+        from minllama.quant import prepare, set_path
+        if cpu_decode:  # the C++ step reads the quantized buffers; prompts dequantize each matrix as they go, so no
+            set_path(model, "fallback")  # packed copy (+0.1-0.25 s once for <= 16 tokens; Q4_1: 0.74 GB, was 0.94)
+        else:
+            prepare(model)  # PyTorch's packed kernels' layouts, built now rather than at the first token
     if args.compile:  # a CUDA build of torch on a machine without CUDA warns about it when it first compiles
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     fmt = chat_format_for(tokenizer)

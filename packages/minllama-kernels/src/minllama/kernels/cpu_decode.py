@@ -121,9 +121,9 @@ class GatheredWeights:
         self.entries: list[tuple[dict, str, object]] = []  # (a module's dict, key, what it held)
         self.classes: list[tuple[nn.Module, type]] = []
         self._record(model, "layers")
+        self.layer_list, self.n_layers = model.layers, len(model.layers)  # a layer appended must be seen too
         for name in list(model.layers._modules):
             self._record(model.layers, name)
-        self.n_layers = len(model.layers._modules)
         for layer in model.layers:
             for name in ("attention", "feed_forward", "attention_norm", "ffn_norm"):
                 self._record(layer, name)
@@ -142,7 +142,7 @@ class GatheredWeights:
             self.entries += [(tensors, key, value) for key, value in tensors.items()]
 
     def current(self) -> bool:
-        return (len(self.entries[0][2]._modules) == self.n_layers and all(d.get(k) is v for d, k, v in self.entries)
+        return (len(self.layer_list) == self.n_layers and all(d.get(k) is v for d, k, v in self.entries)
                 and all(type(m) is c for m, c in self.classes))
 
 
