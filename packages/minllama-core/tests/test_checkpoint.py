@@ -385,25 +385,30 @@ def on_meta(module) -> bool:
 
 @pytest.mark.parametrize("fmt", ["hf", "meta", "gguf"])
 @pytest.mark.parametrize("name", ["tiny-mqa", "tiny-gqa"], ids=["tied", "untied"])
-def test_convert_gets_each_layer_in_order_as_it_is_loaded_then_the_whole_model(fmt, name, tmp_path):
+def test_convert_gets_the_head_then_each_layer_in_order_as_it_is_loaded_then_the_whole_model(fmt, name, tmp_path):
     model = tiny_model(name, n_layers=4)
     seen = []
 
     def convert(m, part):
-        if part:  # this layer holds the file's weights; the later layers, the embedding and the head hold nothing
+        if part == "output":  # the embedding, final norm and head hold the file's weights; every layer nothing
+            for k in ("tok_embeddings.weight", "norm.weight", "output.weight"):
+                assert torch.equal(m.state_dict()[k], model.state_dict()[k]), k
+            assert (m.output.weight is m.tok_embeddings.weight) == model.config.tie_embeddings
+            assert all(on_meta(layer) for layer in m.layers)
+        elif part:  # this layer holds the file's weights; the later layers hold nothing
             i = int(part.split(".")[1])
             assert m.get_submodule(part) is m.layers[i]
             for k, t in m.layers[i].state_dict().items():
                 assert torch.equal(t, model.layers[i].state_dict()[k]), (part, k)
-            assert all(on_meta(layer) for layer in m.layers[i + 1:]) and on_meta(m.tok_embeddings)
-            assert not any(on_meta(layer) for layer in m.layers[:i + 1])
+            assert all(on_meta(layer) for layer in m.layers[i + 1:])
+            assert not any(on_meta(layer) for layer in m.layers[:i + 1]) and not on_meta(m.tok_embeddings)
         else:  # complete: it computes what the saved model computes
             tokens = torch.randint(0, 256, (1, 9))
             assert torch.equal(m(tokens), model(tokens))
         seen.append(part)
 
     loaded, _ = load_pretrained(save_as(fmt, model, tmp_path / "ckpt"), convert=convert, with_tokenizer=False)
-    assert seen == ["layers.0", "layers.1", "layers.2", "layers.3", ""]
+    assert seen == ["output", "layers.0", "layers.1", "layers.2", "layers.3", ""]
     assert_same(model, loaded)
     assert not loaded.training
 

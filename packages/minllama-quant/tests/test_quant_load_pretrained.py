@@ -100,18 +100,18 @@ def test_every_scheme_and_bf16(name, scheme, options, tmp_path):
 
 
 def test_the_float_weights_of_only_one_layer_exist_at_a_time(tmp_path, monkeypatch):
-    """Watch core's hook from outside: when layer i has been converted, no float matrix is left in the model (the
-    later layers and the embedding are still on the meta device, shapes without memory); at the end, none at all
-    (the tied embedding reads the quantized head)."""
+    """Watch core's hook from outside: the head first (the tied embedding then reads the quantized head, so no
+    float matrix is left while every layer is still on the meta device, shapes without memory), then when layer i
+    has been converted, no float matrix is left in the model either (the later layers are still on meta)."""
     cfg_layers = 5
     source = checkpoint("gguf", float_model("tiny-mqa", n_layers=cfg_layers), tmp_path)
     seen = []
 
     def watching(source, dtype, device, with_tokenizer, convert):
         def watched(model, part):
-            layer = model.get_submodule(part) if part else None
-            if layer is not None:  # before the conversion: this layer's weights are real floats
-                assert all(not p.is_meta and p.is_floating_point() for p in layer.parameters())
+            module = model.get_submodule(part) if part else None
+            if module is not None:  # before the conversion: this part's weights are real floats
+                assert all(not p.is_meta and p.is_floating_point() for p in module.parameters())
             convert(model, part)
             real = [n for n, p in model.named_parameters() if p.dim() == 2 and not p.is_meta]
             meta = {n.split(".")[1] for n, p in model.named_parameters() if p.is_meta and n.startswith("layers.")}
@@ -120,10 +120,10 @@ def test_the_float_weights_of_only_one_layer_exist_at_a_time(tmp_path, monkeypat
 
     monkeypatch.setattr(quant_model, "load_pretrained", watching)
     model, _ = load_pretrained_quantized(source, "int8", with_tokenizer=False)
-    assert [part for part, _, _ in seen] == [f"layers.{i}" for i in range(cfg_layers)] + [""]
+    assert [part for part, _, _ in seen] == ["output"] + [f"layers.{i}" for i in range(cfg_layers)] + [""]
     for i, (part, real, meta) in enumerate(seen):
-        assert real == [], part  # every linear of the layer is an Int8Linear now: no float matrix is left
-        assert meta == [str(j) for j in range(i + 1, cfg_layers)], part
+        assert real == [], part  # every linear of the part is an Int8Linear now: no float matrix is left
+        assert meta == [str(j) for j in range(i, cfg_layers)], part
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7 * cfg_layers + 1
 
 

@@ -12,7 +12,6 @@ peak is about one model). Name maps, configs and the q/k row permutation live in
 """
 from __future__ import annotations
 
-import ctypes
 import importlib.metadata
 import json
 import os
@@ -32,6 +31,7 @@ from .config import LlamaConfig
 from .formats import (HF_IGNORED, META_IGNORED, CheckpointError, config_from_gguf, config_from_hf, config_from_meta,
                       config_to_hf, config_to_meta, hf_to_meta_rows, hf_to_ours, meta_to_hf_rows, ours_to_gguf,
                       ours_to_hf)
+from .memory import release_free_memory
 from .model import MinimalLlama
 from .saving import atomic_write, inside, recover, recover_legacy, save_into
 
@@ -44,7 +44,8 @@ FORMATS = ("a .gguf file", "an HF directory (config.json + *.safetensors)",
            "a Meta directory (params.json + consolidated.*.pth)")
 # The tokenizer files that load_tokenizer understands; without any of them a directory has no tokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-# load_pretrained's hook: convert(model, name of the part that has just been loaded: "layers.<i>", or "" at the end)
+# load_pretrained's hook: convert(model, name of the part that has just been loaded: "output" (with the embedding and
+# the final norm), "layers.<i>", or "" at the end)
 Convert = Callable[[MinimalLlama, str], None]
 
 
@@ -69,12 +70,13 @@ def load_pretrained(source: str | os.PathLike, dtype: torch.dtype = torch.float3
                     with_tokenizer: bool = True, convert: Convert | None = None) -> tuple[MinimalLlama, object | None]:
     """(model in eval mode, tokenizer or None) from a .gguf file, an HF or Meta directory, or a known name.
 
-    ``convert(model, name)``, when given, is called as soon as a part of the model has its weights: with
-    ``"layers.0"``, ``"layers.1"``, ... after each decoder layer, in order, then once with ``""`` (the whole model)
-    after the embedding, final norm and head, when the model is complete (RoPE table included). It may replace the
-    named module's submodules (or the module itself), e.g. to quantize its weights: the float weights of one layer
-    then exist at a time, never those of the whole model (minllama-quant's ``load_pretrained_quantized``). Layers
-    after the named one are still on the ``meta`` device. Core knows nothing of what ``convert`` does."""
+    ``convert(model, name)``, when given, is called as soon as a part of the model has its weights: first with
+    ``"output"``, when the embedding, the final norm and the head have theirs (a tied head *is* the embedding's
+    matrix), then with ``"layers.0"``, ``"layers.1"``, ... after each decoder layer, in order, and last with ``""``
+    when the model is complete (RoPE table included). It may replace the named module's submodules (or the module
+    itself), e.g. to quantize its weights: the float weights of one part then exist at a time, never those of the
+    whole model (minllama-quant's ``load_pretrained_quantized``). The layers not yet named are still on the
+    ``meta`` device. Core knows nothing of what ``convert`` does."""
     path = Path(source).expanduser()
     if recover_legacy(path.absolute()):  # an earlier version's save was killed between its two renames
         warnings.warn(f"{path} was restored from the copy an interrupted save had left in .{path.name}.old-*")
@@ -168,18 +170,9 @@ def _assemble(cfg: LlamaConfig, entries: Entries, unexpected: list[str], where: 
         src, _, read = entries[name]
         return _read(where, src, read, fix and (lambda t: fix(name, t))).to(device=device, dtype=dtype)
 
-    # Layer by layer, then the rest: one layer's tensors are read at a time (and converted before the next), and the
-    # embedding, usually the largest tensor, comes last, when every layer is converted already.
-    unreturned = 0  # bytes read since the allocator last gave its free pages back
-    for i in range(cfg.n_layers):
-        layer = model.layers[i]
-        layer.load_state_dict({k: tensor(f"layers.{i}.{k}") for k in layer.state_dict()}, assign=True)
-        unreturned += sum(t.nbytes for t in layer.state_dict().values())
-        if convert is not None:
-            convert(model, f"layers.{i}")
-        if unreturned >= TRIM_BYTES:
-            _trim_heap()
-            unreturned = 0
+    # The embedding, final norm and head first, then layer by layer: the embedding is usually the largest tensor,
+    # and a ``convert`` that shrinks it (quantization) does so before any layer is read, so its float copy never
+    # exists beside the layers'. One layer's tensors are read at a time, each converted before the next.
     state = {name: tensor(name) for name in expected if not name.startswith("layers.")}
     if head_copy is not None and not torch.equal(_read(where, head_copy[0], head_copy[2]).to(device=device,
                                                                                              dtype=dtype),
@@ -189,36 +182,37 @@ def _assemble(cfg: LlamaConfig, entries: Entries, unexpected: list[str], where: 
                               "(or delete the tensor if the embedding is the head)")
     if cfg.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=False, assign=True)  # not strict: the layers are loaded (all were checked)
+    model.load_state_dict(state, strict=False, assign=True)  # not strict: the layers come next (all were checked)
     if cfg.tie_embeddings:  # assign=True replaced the shared Parameter: share it again
         model.output.weight = model.tok_embeddings.weight
+    del state
+    if convert is not None:
+        convert(model, "output")
+        release_free_memory()
+    unreturned = 0  # bytes read since the allocator last gave its free pages back
+    for i in range(cfg.n_layers):
+        layer = model.layers[i]
+        layer.load_state_dict({k: tensor(f"layers.{i}.{k}") for k in layer.state_dict()}, assign=True)
+        unreturned += sum(t.nbytes for t in layer.state_dict().values())
+        if convert is not None:
+            convert(model, f"layers.{i}")
+        if unreturned >= TRIM_BYTES:
+            release_free_memory()
+            unreturned = 0
     model.reset_rope(device)  # not in checkpoints: recompute
     if convert is not None:
         convert(model, "")
-        _trim_heap()
+        release_free_memory()
     return model.eval()
 
 
-TRIM_BYTES = 64 << 20  # loading gives the allocator's free pages back to the OS after about this many bytes
+# Loading gives the allocator's free pages back to the OS (``memory.py``) after about this many bytes: the freed
+# chunk temporaries and the float weights a ``convert`` replaced left holes (loading SmolLM2 layer by layer into
+# int8 grew 8 MB per layer for 3.5 MB of weights, and a bf16 load ended 40 MB above its tensors). Not after every
+# layer: the pages given back are faulted in again when reused (after each of its 30 layers: +60 ms, 20% of a load).
+TRIM_BYTES = 64 << 20
 
 
-def _trim_heap() -> None:
-    """Give the allocator's free pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing). Tensors freed
-    while loading (a chunk's temporaries, the float weights a ``convert`` replaced) leave holes in the heap that a
-    later, larger tensor may not fit, and their pages stay resident: loading SmolLM2 layer by layer into int8 grew
-    8 MB per layer for 3.5 MB of weights, and a bf16 load ended 40 MB above its tensors. Not after every layer: the
-    pages given back are faulted in again when reused (after each of SmolLM2's 30 layers: +60 ms, 20% of its load)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(None).malloc_trim  # the C library the process runs on already
-        except (OSError, TypeError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to call
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None  # glibc's malloc_trim, once looked up (False: not available)
 
 
 def _read(where: str, src: str, read: Callable[[], torch.Tensor],

@@ -64,14 +64,15 @@ def scheme_options(scheme: str, **options) -> tuple[type[QuantLinear], dict]:
 
 
 def _swap(model: MinimalLlama, make, under: str = "") -> None:
-    """Replace every nn.Linear (by name) with make(name, linear), in the submodule ``under`` ("": the whole model,
-    whose swap also re-ties a shared embedding)."""
-    tied = not under and (model.output.weight is model.tok_embeddings.weight or model.config.tie_embeddings)
-    for name, module in list(model.get_submodule(under).named_modules(prefix=under)):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                full = f"{name}.{child_name}" if name else child_name
-                setattr(module, child_name, make(full, child))
+    """Replace every nn.Linear (by name) with make(name, linear) in the submodule ``under``, itself included ("":
+    the whole model). When the head is swapped ("" or "output"), a tied embedding then reads the quantized head."""
+    tied = under in ("", "output") and (model.output.weight is model.tok_embeddings.weight
+                                        or model.config.tie_embeddings)
+    linears = [(name, m) for name, m in model.get_submodule(under).named_modules(prefix=under)
+               if isinstance(m, nn.Linear)]
+    for name, linear in linears:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, make(name, linear))
     if tied and isinstance(model.output, QuantLinear):
         model.tok_embeddings = QuantEmbedding(model.output)
 
@@ -107,15 +108,19 @@ def load_pretrained_quantized(source: str | os.PathLike, scheme: str, dtype: tor
                               device: str | torch.device = "cpu", *, head: str | None = None,
                               with_tokenizer: bool = True, **options) -> tuple[MinimalLlama, object | None]:
     """(model, tokenizer) as ``load_pretrained(source, dtype, device)`` then ``quantize(model, scheme, head,
-    **options)`` give them, the same numbers, without ever holding the float model: core's loader hands over each
-    decoder layer as soon as its tensors are read (its ``convert`` hook), and the layer is quantized before the next
-    one is read; the embedding and the head come last. So the float weights in memory are one layer's, then the
-    embedding's (SmolLM2 in int8: a peak of the quantized model + 113 MB, where quantizing after loading holds all
-    538 MB of fp32 first). ``source``: what ``load_pretrained`` takes (a .gguf file, an HF or Meta directory, a
-    known name)."""
+    **options)`` give them, the same numbers, without ever holding the float model: core's loader hands over the
+    head (with the embedding, which a tied head shares) and then each decoder layer as soon as its tensors are read
+    (its ``convert`` hook), and each is quantized before the next is read. So the float weights in memory are the
+    embedding's first, then one layer's at a time (SmolLM2 in int8: a peak of the fp32 embedding and its int8 copy,
+    141 MB, just above the quantized model's 135 MB, where quantizing after loading holds all 538 MB of fp32 first).
+    ``source``: what ``load_pretrained`` takes (a .gguf file, an HF or Meta directory, a known name)."""
     make, config = _quantizer(scheme, head, options)
-    model, tokenizer = load_pretrained(source, dtype, device, with_tokenizer,
-                                       convert=lambda m, name: _swap(m, make, under=name))
+
+    def convert(model: MinimalLlama, part: str) -> None:
+        if part:  # "" (the model complete) comes last, when every part is quantized already
+            _swap(model, make, under=part)
+
+    model, tokenizer = load_pretrained(source, dtype, device, with_tokenizer, convert=convert)
     model.quant_config = config
     return model, tokenizer
 
