@@ -104,6 +104,7 @@ def bench_ours(args, compile: bool, cpu_decode: bool = False) -> dict:
         cache = StaticKVCache(model, 1, args.prompt_len + args.new_tokens)
         pos = torch.arange(args.prompt_len, device=args.device)
         prefill_s = timed(lambda: model(prompt, pos, last_only=True, cache=cache), args.device)
+        del cache  # generate_stream makes its own: a chat holds one cache, and so does the peak measured here
 
     def decode() -> float:
         stream = generate_stream(model, prompt.tolist(), args.new_tokens, compile=compile)

@@ -1,4 +1,6 @@
 """Generation: sampling rules, batched == one-at-a-time, cached == recomputed, stops, streaming, errors."""
+import importlib
+
 import pytest
 import torch
 
@@ -125,3 +127,28 @@ def test_top_k_zero_means_no_truncation():
     logits = torch.randn(3, 20)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert torch.equal(sample(logits, 1.0, top_k=0, generator=g1), sample(logits, 1.0, generator=g2))
+
+
+def test_the_default_cache_fits_the_call_and_a_long_cpu_prompt_gives_its_memory_back(monkeypatch):
+    """Eager generation makes a cache of exactly prompt + new tokens (compiled generation a power of two, so that
+    another length reuses the compiled step), and after a CPU prompt of RELEASE_AFTER_TOKENS or more returns the freed
+    activations' pages to the OS (memory.py), once, before the first token."""
+    gen = importlib.import_module("minllama.core.generate")  # the module (the package exports its function)
+    made, events, static_cache = [], [], gen.StaticKVCache
+
+    def recording_cache(model, batch_size, max_len):
+        made.append(max_len)
+        return static_cache(model, batch_size, max_len)
+
+    monkeypatch.setattr(gen, "StaticKVCache", recording_cache)
+    monkeypatch.setattr(gen, "release_free_memory", lambda: events.append("released"))
+    model = tiny_model("tiny-gqa", max_seq_len=512)
+    for length, released in ((gen.RELEASE_AFTER_TOKENS - 1, []), (gen.RELEASE_AFTER_TOKENS, ["released"])):
+        events.clear()
+        stream = generate_stream(model, [[1] * length], 5)
+        next(stream)
+        assert events == released, length
+        events.append("token")
+        list(stream)
+        assert events == released + ["token"]  # not per token
+        assert made[-1] == length + 5

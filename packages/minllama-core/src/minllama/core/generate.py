@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache, StaticKVCache
+from .memory import release_free_memory
 from .model import MinimalLlama
 
 NAN_LOGITS = ("the model produced NaN logits: its weights or activations are not finite (a damaged checkpoint, or "
@@ -104,6 +105,12 @@ def check_generation_args(prompts: Sequence[Sequence[int]], max_new_tokens: int,
                                  f"(an integer in [0, {vocab_size})): was the prompt encoded with another tokenizer?")
 
 
+# A CPU prompt of this many tokens or more gives its freed activations' pages back (``memory.py``): SmolLM2's
+# 512-token prompt left ~25 MB of holes that the next call's cache did not fit, so a benchmark's resident size grew
+# with every call. ~1 ms, and the next prompt faults its pages in again: ~1% of a 512-token prefill.
+RELEASE_AFTER_TOKENS = 128
+
+
 def _cache_bucket(n: int) -> int:
     """Cache length for n tokens: a power of two, at least 256. With ``compile``, a chat whose prompt grows
     recompiles the decode step (whose shapes are the cache's) only when it crosses a power of two: a handful of
@@ -156,8 +163,9 @@ def generate_stream(model: MinimalLlama, prompts: Sequence[Sequence[int]], max_n
     if bounded and held + T >= cfg.max_seq_len:
         raise ValueError(f"the prompt has {held + T} tokens but the model's context is {cfg.max_seq_len}: "
                          f"shorten the prompt (or reset the conversation) to leave room for an answer")
-    if cache is None:
-        cache = StaticKVCache(model, B, min(_cache_bucket(T + int(max_new_tokens)), cfg.max_seq_len))
+    if cache is None:  # compiled: a power-of-two length, so that other lengths reuse the compiled step
+        needed = T + int(max_new_tokens)
+        cache = StaticKVCache(model, B, min(_cache_bucket(needed) if compile else needed, cfg.max_seq_len))
     elif cache.room(T + 1) < T + 1:
         raise ValueError(f"the prompt has {T} tokens but the cache has room for {cache.room(T + 1)} more: "
                          f"shorten the prompt (or reset the conversation) to leave room for an answer")
@@ -172,6 +180,8 @@ def generate_stream(model: MinimalLlama, prompts: Sequence[Sequence[int]], max_n
     for i in range(0, T, chunk):  # prefill: (B, vocab)
         piece = tokens[:, i:i + chunk]
         logits = model(piece, cache.reserve(piece.shape[1], device), pad, last_only=True, cache=cache)[:, -1]
+    if device.type == "cpu" and B * T >= RELEASE_AFTER_TOKENS:  # its activations, freed, left holes in the heap
+        release_free_memory()
     for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
         done |= torch.isin(token, stop)
