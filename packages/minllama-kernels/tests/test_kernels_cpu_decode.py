@@ -11,7 +11,7 @@ from minllama.core.cache import StaticKVCache
 from minllama.core.config import LlamaConfig, RopeScaling
 from minllama.core.generate import generate
 from minllama.core.model import MinimalLlama
-from minllama.kernels import cpu_gemv
+from minllama.kernels import cpu_decode, cpu_gemv
 from minllama.kernels.cpu_decode import CpuDecodeMixin, cpu_decode_unsupported, layer_weights, remove_cpu_decode, \
     use_cpu_decode
 
@@ -161,8 +161,12 @@ class LoraLinear(nn.Linear):
 
 
 @needs_kernel
-@pytest.mark.parametrize("quantized", [False, True])
-def test_a_prompt_runs_core_layers_and_only_its_last_head_in_cpp(monkeypatch, quantized):
+@pytest.mark.parametrize("quantized, length", [(False, 9), (True, 9), (True, cpu_decode.STEPWISE_PROMPT + 1)],
+                         ids=["float", "quantized-short", "quantized-long"])
+def test_a_prompt_runs_its_layers_then_only_its_last_head_in_cpp(monkeypatch, quantized, length):
+    """A prompt's layers run in core (a matrix product), except a short one of a quantized model: token by token
+    in C++ (core would dequantize every matrix for a few rows). Either way only the last position's head is
+    computed, in C++, and the cache and the logits are the model's."""
     model = odd_model(tie_embeddings=quantized)
     if quantized:
         model, oracle = int8_model(model)
@@ -171,17 +175,24 @@ def test_a_prompt_runs_core_layers_and_only_its_last_head_in_cpp(monkeypatch, qu
     fast = use_cpu_decode(model)
     spy = CountingExtension(cpu_gemv._extension())
     monkeypatch.setattr(cpu_gemv, "_extension", lambda: spy)
-    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(6))
+    tokens = torch.randint(0, 256, (1, 3 + length), generator=torch.Generator().manual_seed(6))
+    stepwise = quantized and length <= cpu_decode.STEPWISE_PROMPT
     with torch.no_grad():
-        caches = [StaticKVCache(m, 1, 16) for m in (fast, oracle)]
-        got, want = (m(tokens, c.reserve(9), last_only=True, cache=c) for m, c in zip((fast, oracle), caches))
-        assert spy.layers == 0 and spy.gemvs == 1 and got.shape == want.shape == (1, 1, 256)
+        caches = [StaticKVCache(m, 1, 32) for m in (fast, oracle)]
+        for m, c in zip((fast, oracle), caches):  # an earlier turn in the cache: the prompt continues it
+            m(tokens[:, :3], c.reserve(3), last_only=True, cache=c)
+        spy.layers = spy.gemvs = 0
+        got, want = (m(tokens[:, 3:], c.reserve(length), last_only=True, cache=c) for m, c in zip((fast, oracle),
+                                                                                                 caches))
+        assert spy.layers == (length * len(fast.layers) if stepwise else 0) and spy.gemvs == 1
+        assert got.shape == want.shape == (1, 1, 256)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        for a, b in zip(caches[0].k, caches[1].k):  # the layers ran in core: the same cache
+        for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):  # every slot written, as core does
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        layers = spy.layers
         fast(tokens)  # all positions' logits, or a batch: core's forward and head
         fast(torch.cat([tokens, tokens]), last_only=True)
-    assert spy.gemvs == 1
+    assert spy.gemvs == 1 and spy.layers == layers
 
 
 @needs_kernel
