@@ -116,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decode through core's PyTorch layers only. By default, on a CPU with AVX-512, each "
                         "one-token step of an fp32 or bf16 model (also with --quantize int8, int4, q8_0, q4_0, "
                         "q4_1) runs its decoder layers in C++ (minllama.kernels.cpu_decode: fp32 arithmetic; 4-bit "
-                        "weights meet x rounded to int8 per block of 32, as in llama.cpp; 1.7-3.8x the tokens/s "
+                        "weights meet x rounded to int8 per block of 32, as in llama.cpp; 1.5-3.9x the tokens/s "
                         "measured; built once on first use, ~20-40 s). Not with --compile")
     p.add_argument("--streaming", action="store_true",
                    help="attention sinks + a rolling KV cache (StreamingLLM): the chat goes on past the context "
