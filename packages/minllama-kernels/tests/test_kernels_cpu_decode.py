@@ -190,6 +190,8 @@ def test_a_prompt_runs_its_layers_then_only_its_last_head_in_cpp(monkeypatch, qu
         for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):  # every slot written, as core does
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         layers = spy.layers
+        with pytest.raises(RuntimeError):  # positions that do not match the tokens: core's forward says so
+            fast(tokens[:, :4], torch.arange(20, 23), last_only=True, cache=caches[0])
         fast(tokens)  # all positions' logits, or a batch: core's forward and head
         fast(torch.cat([tokens, tokens]), last_only=True)
     assert spy.gemvs == 1 and spy.layers == layers

@@ -213,8 +213,10 @@ class CpuDecodeMixin:
 
     def _cached_steps(self, tokens: Tensor, input_pos, pad, cache) -> bool:
         """Whether tokens of one sequence can go through the C++ layers: into a StaticKVCache of the model's dtype,
-        at known positions, unpadded, for inference (not traced)."""
-        return (pad is None and input_pos is not None and type(cache) is StaticKVCache
+        at known positions (one each: anything else is core's forward's error to report), unpadded, for inference
+        (not traced)."""
+        return (pad is None and input_pos is not None and input_pos.shape == tokens.shape[-1:]
+                and type(cache) is StaticKVCache
                 and cache.k[0].dtype == self.norm.weight.dtype and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling() and tokens.device.type == "cpu")
 
