@@ -92,7 +92,8 @@ def bench_ours(args, compile: bool, cpu_decode: bool = False) -> dict:
         use_cpu_decode(model)
     if args.dtype in QUANTIZED:  # as chat.py
         from minllama.quant import prepare, set_path
-        if cpu_decode:  # the C++ step reads the quantized buffers: prompts dequantize each matrix, no packed copy
+        if cpu_decode:  # the C++ step reads the quantized buffers: no packed copy (long prompts dequantize each
+            # matrix as they go, prompts of <= 16 tokens run in C++)
             set_path(model, "fallback")
         else:  # PyTorch's packed low-bit kernels decode
             prepare(model)

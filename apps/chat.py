@@ -275,9 +275,10 @@ def use_cpu_decode_if_possible(model) -> bool:
 
 
 def load_model(args, dtype: torch.dtype, device: str):
-    """(model, tokenizer) from --checkpoint; with --quantize each layer is quantized as soon as it is read
-    (minllama-quant's load_pretrained_quantized), so the float model never exists whole: SmolLM2 in int8 peaks at
-    ~0.82 GB of RSS where loading in fp32, then quantizing, took 1.36 GB."""
+    """(model, tokenizer) from --checkpoint; with --quantize the head (the tied embedding) and then each layer are
+    quantized as soon as they are read (minllama-quant's load_pretrained_quantized), so the float model never exists
+    whole: SmolLM2 in int8 peaks at ~0.75 GB of RSS while loading, where loading in fp32, then quantizing, took
+    1.36 GB."""
     if not args.quantize:
         return load_pretrained(args.checkpoint, dtype=dtype, device=device)
     from minllama.quant import load_pretrained_quantized  # only needed (and installed) for --quantize
@@ -315,8 +316,8 @@ def main(argv=None) -> int:
     cpu_decode = device == "cpu" and not (args.compile or args.no_cpu_decode) and use_cpu_decode_if_possible(model)
     if args.quantize:
         from minllama.quant import prepare, set_path
-        if cpu_decode:  # the C++ step reads the quantized buffers; prompts dequantize each matrix as they go, so no
-            set_path(model, "fallback")  # packed copy (+0.1-0.25 s once for <= 16 tokens; Q4_1: 0.74 GB, was 0.94)
+        if cpu_decode:  # the C++ step reads the quantized buffers; a prompt of > 16 tokens dequantizes each matrix
+            set_path(model, "fallback")  # as it goes, a shorter one runs in C++: no packed copy (Q4_1: 714 MB, not 981)
         else:
             prepare(model)  # PyTorch's packed kernels' layouts, built now rather than at the first token
     if args.compile:  # a CUDA build of torch on a machine without CUDA warns about it when it first compiles

@@ -213,8 +213,6 @@ def _assemble(cfg: LlamaConfig, entries: Entries, unexpected: list[str], where: 
 TRIM_BYTES = 64 << 20
 
 
-
-
 def _read(where: str, src: str, read: Callable[[], torch.Tensor],
           fix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """One tensor, read and checked: a truncated file or NaN/Inf values are one clear error, not garbage."""

@@ -15,8 +15,9 @@ _malloc_trim = None  # glibc's malloc_trim, once looked up (False: not available
 
 
 def release_free_memory() -> None:
-    """Return the allocator's free pages to the OS (glibc's ``malloc_trim``; elsewhere nothing). A few ms: call it
-    after a phase that freed many MB (a load, a long prompt), not per token."""
+    """Return the allocator's free pages to the OS (glibc's ``malloc_trim``; elsewhere nothing). About 0.5 ms on a
+    loaded model's heap, and whatever is reused later is faulted in again: call it after a phase that freed many MB
+    (a load, a long prompt), not per token."""
     global _malloc_trim
     if _malloc_trim is None:
         try:

@@ -34,8 +34,8 @@ from . import cpu_gemv
 
 # A prompt of at most this many tokens, when the layers are quantized, goes through the C++ layers a token at a time
 # (as many decode steps) rather than through core's forward, which would dequantize every matrix whole to multiply
-# a few rows (minllama-quant's fallback path). SmolLM2's 14-token prompt on a 2-core AVX-512 VM: 340-390 tok/s
-# instead of 100-250 in int8, int4 and Q4_1, and no dequantized temporaries (20-30 MB less peak memory). A float
+# a few rows (minllama-quant's fallback path). SmolLM2's 14-token prompt on a 2-core AVX-512 VM: 360-404 tok/s in
+# int8, int4 and Q4_1 (apps/bench.py --prompt-len 14), 53-255 before, and no dequantized temporaries. A float
 # model's prompt stays a matrix product, faster than token by token at any length.
 STEPWISE_PROMPT = 16
 

@@ -111,8 +111,9 @@ def load_pretrained_quantized(source: str | os.PathLike, scheme: str, dtype: tor
     **options)`` give them, the same numbers, without ever holding the float model: core's loader hands over the
     head (with the embedding, which a tied head shares) and then each decoder layer as soon as its tensors are read
     (its ``convert`` hook), and each is quantized before the next is read. So the float weights in memory are the
-    embedding's first, then one layer's at a time (SmolLM2 in int8: a peak of the fp32 embedding and its int8 copy,
-    141 MB, just above the quantized model's 135 MB, where quantizing after loading holds all 538 MB of fp32 first).
+    embedding's first, then one layer's at a time (SmolLM2 in int8: weights of ~150 MB at the peak, the fp32
+    embedding with its int8 copy or the quantized model with one fp32 layer, where quantizing after loading holds
+    all 538 MB of fp32 first).
     ``source``: what ``load_pretrained`` takes (a .gguf file, an HF or Meta directory, a known name)."""
     make, config = _quantizer(scheme, head, options)
 
