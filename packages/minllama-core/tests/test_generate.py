@@ -152,3 +152,6 @@ def test_the_default_cache_fits_the_call_and_a_long_cpu_prompt_gives_its_memory_
         list(stream)
         assert events == released + ["token"]  # not per token
         assert made[-1] == length + 5
+    monkeypatch.setattr(gen, "compiled_decode_step", lambda model: gen._decode_step)  # the sizing, not compiling
+    generate(model, [[1, 2, 3]], 5, compile=True)
+    assert made[-1] == 256  # compiled: _cache_bucket's power of two (at least 256)
