@@ -56,6 +56,9 @@ class CountingExtension:
         self.layers += len(layers)
         return self.ext.decoder_layers(x, layers, *args)
 
+    def __getattr__(self, name):  # the rest (DecoderWeights, ...) as the extension has it
+        return getattr(self.ext, name)
+
     gemvs = 0
 
     def gemv(self, *args):
@@ -243,7 +246,9 @@ def test_bad_input_to_the_layers_is_one_clear_error_before_anything_is_written()
     x, rope = torch.zeros(40), model.rope[0].contiguous()
 
     def run(layers, pos=0):
-        ext.decoder_layers(x, layers, cache.k, cache.v, rope, pos, 1e-5, model.config.n_heads)
+        cfg = model.config
+        weights = ext.DecoderWeights(layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.dim // cfg.n_heads)
+        ext.decoder_layers(x, weights, cache.k, cache.v, rope, pos, 1e-5)
 
     def with_matrix(i, kind, tensors):  # layer 1's matrix i replaced
         norms_and_matrices = list(layers[1])

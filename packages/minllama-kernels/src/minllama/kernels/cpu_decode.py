@@ -104,8 +104,8 @@ def cpu_decode_unsupported(model: nn.Module) -> str | None:
 
 
 def layer_weights(model: MinimalLlama) -> list[tuple]:
-    """Each layer's weights as ``decoder_layers`` takes them: (attention_norm, ffn_norm, [matrix() of wq, wk, wv,
-    wo, w1, w2, w3])."""
+    """Each layer's weights as the extension's ``DecoderWeights`` takes them: (attention_norm, ffn_norm,
+    [matrix() of wq, wk, wv, wo, w1, w2, w3])."""
     out = []
     for layer in model.layers:
         attn, ff = layer.attention, layer.feed_forward
@@ -115,7 +115,8 @@ def layer_weights(model: MinimalLlama) -> list[tuple]:
 
 
 class GatheredWeights:
-    """``layer_weights(model)``, kept between steps with everything it was read from.
+    """``layer_weights(model)``, kept between steps with everything it was read from, and as the extension's
+    ``DecoderWeights`` (``native``: checked once in C++, read by pointer at every step).
 
     Gathering ~300 tensors through ``nn.Module`` attribute lookups costs ~0.6 ms per token: 3% of an fp32 step
     and 12% of a 4-bit one. Kept instead, it must never go stale: a module swapped in (an adapter), a buffer
@@ -137,9 +138,13 @@ class GatheredWeights:
             for block in (layer.attention, layer.feed_forward):
                 for name in list(block._modules):
                     self._record(block, name)
-        self.layers = layer_weights(model)
-        if any(m is None for layer in self.layers for m in layer[2]):  # e.g. an adapter swapped in since
-            self.layers = None  # use_cpu_decode: the model's own forward runs it
+        layers = layer_weights(model)
+        self.native = self.quantized = None
+        if all(m is not None for layer in layers for m in layer[2]):  # else e.g. an adapter swapped in since
+            n_kv_heads, head_dim = model.layers[0].attention.cache_shape()  # use_cpu_decode: core's forward runs it
+            self.native = cpu_gemv._extension().DecoderWeights(layers, model.config.dim, model.config.n_heads,
+                                                               n_kv_heads, head_dim)
+            self.quantized = any(kind != "float" for layer in layers for kind, _ in layer[2])
 
     def _record(self, parent: nn.Module, name: str) -> None:
         child = parent._modules[name]
@@ -156,12 +161,13 @@ class GatheredWeights:
 _gathered: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> GatheredWeights (never copied with it)
 
 
-def current_layer_weights(model: MinimalLlama) -> list[tuple] | None:
-    """``layer_weights(model)``, gathered again only when something changed; None if a layer cannot run in C++."""
+def current_layer_weights(model: MinimalLlama) -> GatheredWeights | None:
+    """The model's ``GatheredWeights``, gathered again only when something changed; None if a layer cannot run in
+    C++."""
     kept = _gathered.get(model)
     if kept is None or not kept.current():
         kept = _gathered[model] = GatheredWeights(model)
-    return kept.layers
+    return kept if kept.native is not None else None
 
 
 def cpu_decode_usable(model: nn.Module) -> bool:
@@ -181,8 +187,8 @@ class CpuDecodeMixin:
             # of a quantized model goes through the C++ layers a token at a time instead (see STEPWISE_PROMPT).
             layers = (tokens.shape[1] <= STEPWISE_PROMPT and self._cached_steps(tokens, input_pos, pad, cache)
                       and current_layer_weights(self))
-            if layers and any(kind != "float" for layer in layers for kind, _ in layer[2]):
-                h = self.norm(self._layers_in_cpp(tokens[0], input_pos, cache, layers))
+            if layers and layers.quantized:
+                h = self.norm(self._layers_in_cpp(tokens[0], input_pos, cache, layers.native))
             else:
                 h = self.hidden_states(tokens, input_pos, pad, cache=cache)[0, -1].float().contiguous()  # (dim,)
             return cpu_gemv._extension().gemv(h, *head).to(self.norm.weight.dtype).view(1, 1, -1)
@@ -191,20 +197,20 @@ class CpuDecodeMixin:
         head = layers and matrix(self.output)
         if not head:  # not a one-token step, or a module the C++ step cannot read was swapped in since
             return super().forward(tokens, input_pos, pad, last_only, cache)
-        h = self.norm(self._layers_in_cpp(tokens[0], input_pos, cache, layers))  # fp32: x is fp32, so is RMSNorm's
+        h = self.norm(self._layers_in_cpp(tokens[0], input_pos, cache, layers.native))  # fp32, as x
         logits = cpu_gemv._extension().gemv(h, *head)  # (vocab,) fp32
         return logits.to(self.norm.weight.dtype).view(1, 1, -1)  # (B=1, T=1, vocab), the model's dtype
 
-    def _layers_in_cpp(self, tokens: Tensor, input_pos: Tensor, cache: StaticKVCache, layers: list) -> Tensor:
+    def _layers_in_cpp(self, tokens: Tensor, input_pos: Tensor, cache: StaticKVCache, layers) -> Tensor:
         """Feed ``tokens`` (T,) one at a time through every layer in C++, at ``input_pos``: each writes its slot of
         every layer's cache and attends over the slots up to its own. Returns the last one's residual stream."""
-        ext, eps, n_heads = cpu_gemv._extension(), self.config.norm_eps, self.config.n_heads
+        ext, eps = cpu_gemv._extension(), self.config.norm_eps
         embedded = self.tok_embeddings(tokens).float()  # (T, dim) fp32: the residual streams
         for i, pos in enumerate(input_pos.tolist()):
             x = embedded[i].clone()  # (dim,)
             rope = self.rope[pos].float()  # (head_dim/2, 2): cos, sin of this position (bf16 in a bf16 model)
             # one call for all layers: each updates x and writes slot `pos` of its layer's cache, in place
-            ext.decoder_layers(x, layers, cache.k, cache.v, rope, pos, eps, n_heads)
+            ext.decoder_layers(x, layers, cache.k, cache.v, rope, pos, eps)
         return x
 
     def _prompt_of_one_sequence(self, tokens: Tensor, last_only: bool) -> bool:
