@@ -34,7 +34,7 @@ from . import cpu_gemv
 
 # A prompt of at most this many tokens, when the layers are quantized, goes through the C++ layers a token at a time
 # (as many decode steps) rather than through core's forward, which would dequantize every matrix whole to multiply
-# a few rows (minllama-quant's fallback path). SmolLM2's 14-token prompt on a 2-core AVX-512 VM: 360-404 tok/s in
+# a few rows (minllama-quant's fallback path). SmolLM2's 14-token prompt on a 2-core AVX-512 VM: 370-425 tok/s in
 # int8, int4 and Q4_1 (apps/bench.py --prompt-len 14), 53-255 before, and no dequantized temporaries. A float
 # model's prompt stays a matrix product, faster than token by token at any length.
 STEPWISE_PROMPT = 16
