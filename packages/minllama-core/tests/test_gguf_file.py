@@ -1,6 +1,9 @@
 """core's GGUF reader against the gguf package's (llama.cpp's own Python reader): the same metadata, the same tensor
 table, and bit-identical floats after dequantization, on the embedded SmolLM2 file and on files written here with
 every value type and every tensor type the loader dequantizes itself (odd shapes), plus the numpy fallback."""
+import gc
+import os
+
 import gguf
 import numpy as np
 import pytest
@@ -94,3 +97,27 @@ def test_a_damaged_header_is_a_clear_error(tmp_path):
     (tmp_path / "dup2.gguf").write_bytes(open(twice, "rb").read().replace(b"k.b", b"k.a"))
     with pytest.raises(ValueError, match="'k.a' appears twice"):
         GGUFFile(tmp_path / "dup2.gguf")
+
+
+def mapped(path) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(line.rstrip().endswith(str(path)) for line in f)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_the_file_is_unmapped_as_soon_as_the_reader_and_its_tensors_are_dropped(smollm2_gguf):
+    # No reference cycle between the file and its tensors: plain reference counting unmaps the file (its pages read
+    # so far count in the process's memory), without waiting for a pass of the garbage collector (turned off here).
+    from minllama.core.tokenizer import tokenizer_from_gguf
+
+    gc.disable()
+    try:
+        reader = GGUFFile(smollm2_gguf)
+        first = to_torch(reader.tensors[0])
+        assert mapped(smollm2_gguf)
+        del reader
+        assert not mapped(smollm2_gguf) and first.isfinite().all()  # the tensor read is a copy: still valid
+        tokenizer = tokenizer_from_gguf(smollm2_gguf)  # opens the file itself
+        assert not mapped(smollm2_gguf) and tokenizer.encode("hi")
+    finally:
+        gc.enable()

@@ -49,12 +49,15 @@ class GGUFTensor:
     tensor_type: gguf.GGMLQuantizationType
     data_offset: int  # absolute position of its first byte in the file
     n_bytes: int
-    file: GGUFFile
+    # The file's mapping and size, not the GGUFFile: a tensor pointing back at the file that lists it would be a
+    # reference cycle, and the mapping (the pages read so far) would stay until the garbage collector's next pass.
+    buffer: mmap.mmap | bytes
+    file_size: int
 
     def raw(self) -> Tensor:
         """The stored bytes, uint8 (rows, bytes per row): a view of the memory-mapped file, nothing is copied."""
         rows = int(np.prod(self.shape[1:], dtype=np.int64))
-        data = torch.frombuffer(self.file.buffer, dtype=torch.uint8, count=self.n_bytes, offset=self.data_offset)
+        data = torch.frombuffer(self.buffer, dtype=torch.uint8, count=self.n_bytes, offset=self.data_offset)
         return data.view(rows, -1)
 
     def release(self, start: int = 0, end: int | None = None) -> None:
@@ -62,11 +65,11 @@ class GGUFTensor:
         (they stay in the page cache, and would be read again if touched): a loaded model does not keep the file's
         bytes resident as well as its own."""
         end = self.n_bytes if end is None else min(end, self.n_bytes)
-        if isinstance(self.file.buffer, mmap.mmap) and end > start:
+        if isinstance(self.buffer, mmap.mmap) and end > start:
             first = self.data_offset + start
             first -= first % mmap.PAGESIZE
-            last = min(self.data_offset + end, self.file.size)
-            self.file.buffer.madvise(mmap.MADV_DONTNEED, first, last - first)
+            last = min(self.data_offset + end, self.file_size)
+            self.buffer.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def qtype(self) -> str | None:
         """'q8_0', 'q4_0' or 'q4_1' for the block types PyTorch dequantizes here; None otherwise."""
@@ -104,7 +107,7 @@ class GGUFFile:
         if not isinstance(self.alignment, int) or isinstance(self.alignment, bool) or not 0 < self.alignment <= 2**16:
             raise ValueError(f"general.alignment = {self.alignment!r} is not a small positive integer")
         self.data_offset = self.pos + (-self.pos) % self.alignment
-        self.tensors = [GGUFTensor(name, shape, kind, self.data_offset + offset, n_bytes, self)
+        self.tensors = [GGUFTensor(name, shape, kind, self.data_offset + offset, n_bytes, self.buffer, size)
                         for name, shape, kind, offset, n_bytes in infos]
 
     # -- the header, field by field
