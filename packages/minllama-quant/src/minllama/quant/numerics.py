@@ -80,7 +80,9 @@ def _quantize_int8_rows(w: Tensor) -> dict[str, Tensor]:
 
 
 def dequantize_int8(qweight: Tensor, scales: Tensor) -> Tensor:
-    return qweight.float() * scales[:, None].float()
+    # in place: one float32 matrix, not two (a prefill dequantizes every matrix, and the second was the largest
+    # temporary of its step); every int8 is exact in float32, so the numbers are those of q.float() * s
+    return qweight.float().mul_(scales[:, None].float())
 
 
 # ------------------------------------------------------------------------------------------------------ int4
@@ -107,8 +109,8 @@ def _quantize_int4_rows(w: Tensor, group_size: int) -> dict[str, Tensor]:
 
 def dequantize_int4(qweight: Tensor, scales: Tensor, mins: Tensor, in_features: int) -> Tensor:
     N, G = scales.shape
-    q = unpack_nibbles(qweight).view(N, G, -1).float()  # (N, G, g)
-    w = q * scales.float()[..., None] + mins.float()[..., None]
+    w = unpack_nibbles(qweight).view(N, G, -1).float()  # (N, G, g), the codes
+    w.mul_(scales.float()[..., None]).add_(mins.float()[..., None])  # in place: one float32 matrix, not three
     return w.view(N, -1)[:, :in_features]
 
 
