@@ -26,6 +26,29 @@ def test_meta_model_allocates_nothing_and_materializes_like_a_plain_init():
     assert torch.equal(model.rope, rope_cache(rope_frequencies(cfg), cfg.max_seq_len))
 
 
+def test_meta_model_never_allocates_a_weight_on_the_cpu_even_for_a_moment():
+    """Linear and Embedding weights are made on meta directly: allocating each on the CPU and dropping it at once
+    left the C allocator's heap stretched over holes that later tensors scattered over (+35 MB of peak RSS)."""
+    from torch.overrides import TorchFunctionMode
+
+    class CpuTensors(TorchFunctionMode):
+        sizes: list[int] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.device.type == "cpu":
+                self.sizes.append(out.numel())
+            return out
+
+    cfg = LlamaConfig.from_name("tiny-llama3", max_seq_len=16)  # its RoPE table (made on the CPU) < any weight
+    weight = cfg.dim * cfg.dim
+    with CpuTensors() as spy:
+        model = meta_model(cfg)
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert spy.sizes and max(spy.sizes) < weight  # (the RoPE table was seen)
+    assert torch.nn.Linear(3, 4).weight.device.type == "cpu"  # and nn.Linear builds on the CPU again after it
+
+
 def test_materialize_without_init_leaves_weights_to_a_loader_and_computes_the_rope():
     source = tiny_model("tiny-gqa")
     model = materialize(meta_model(source.config), "cpu", init=False)
