@@ -73,9 +73,9 @@ def quantize_int8(w: Tensor) -> dict[str, Tensor]:
 
 
 def _quantize_int8_rows(w: Tensor) -> dict[str, Tensor]:
-    w = w.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
+    lo, hi = torch.aminmax(w.float(), dim=1)  # max|w_row| = max(-min, max), without a |w| copy of the block
+    scales = torch.maximum(-lo, hi).clamp(min=1e-12) / 127  # (N,)
+    q = (w / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # (N, K): one float temporary
     return {"qweight": q, "scales": scales}
 
 
