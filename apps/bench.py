@@ -93,8 +93,10 @@ def bench_ours(args, compile: bool, cpu_decode: bool = False) -> dict:
     if args.dtype in QUANTIZED:  # as chat.py
         from minllama.quant import prepare, set_path
         if cpu_decode:  # the C++ step reads the quantized buffers: no packed copy (long prompts dequantize each
-            # matrix as they go, prompts of <= 16 tokens run in C++)
+            # matrix as they go, prompts of <= 16 tokens run in C++), and keys and values in bf16 (chat.py's
+            # --kv-cache auto; llama.cpp's rows keep F16 ones)
             set_path(model, "fallback")
+            model.kv_cache_dtype = torch.bfloat16
         else:  # PyTorch's packed low-bit kernels decode
             prepare(model)
     load_s = time.perf_counter() - t0

@@ -58,6 +58,14 @@ def model_dtype(args, device: str) -> torch.dtype:
     return resolve_dtype(args.dtype, device)
 
 
+def kv_cache_dtype(args, cpu_decode: bool) -> torch.dtype | None:
+    """--kv-cache as the model's ``kv_cache_dtype`` (None: the model's own dtype). "auto" narrows it only where it
+    costs no time: the C++ step reads a bf16 cache directly, where core's attention would convert it every step."""
+    if args.kv_cache != "auto":
+        return DTYPES[args.kv_cache]
+    return torch.bfloat16 if args.quantize and cpu_decode else None
+
+
 def checked(convert, ok, what):
     """An argparse type: ``convert`` the text (a ValueError is argparse's "invalid float value"), then refuse a value
     that is not ``ok`` with "must be <what>". Bad values fail here, before the model loads."""
@@ -118,6 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "q4_1) runs its decoder layers in C++ (minllama.kernels.cpu_decode: fp32 arithmetic; 4-bit "
                         "weights meet x rounded to int8 per block of 32, as in llama.cpp; 1.6-3.9x the tokens/s "
                         "measured; built once on first use, ~20-40 s). Not with --compile")
+    p.add_argument("--kv-cache", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the dtype the KV cache stores keys and values in. auto: bfloat16 for a --quantize model "
+                        "whose steps run in C++ (half the cache's memory, the C++ step reads it as fast; llama.cpp "
+                        "keeps F16 keys and values by default), otherwise the model's dtype")
     p.add_argument("--streaming", action="store_true",
                    help="attention sinks + a rolling KV cache (StreamingLLM): the chat goes on past the context "
                         "window in bounded memory, and each turn feeds only its new tokens")
@@ -322,6 +334,7 @@ def main(argv=None) -> int:
             set_path(model, "fallback")
         else:
             prepare(model)  # PyTorch's packed kernels' layouts, built now rather than at the first token
+    model.kv_cache_dtype = kv_cache_dtype(args, cpu_decode)  # every cache the chat makes follows it
     if args.compile:  # a CUDA build of torch on a machine without CUDA warns about it when it first compiles
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     fmt = chat_format_for(tokenizer)

@@ -35,6 +35,32 @@ def test_chat_quantized_and_compiled_still_answers_paris():
     assert "Paris" in out.stdout and "tok/s" in out.stderr
 
 
+def test_chat_quantized_on_the_cpp_step_with_its_bf16_cache_answers_paris():
+    """--quantize int8 without --compile: the C++ decode step where the CPU has AVX-512 (core's layers elsewhere),
+    with --kv-cache auto's bf16 keys and values there, and --kv-cache float32 gives the same greedy answer."""
+    args = [APPS / "chat.py", "--prompt", "What is the capital of France?", "--temperature", "0",
+            "--max-new-tokens", "24", "--quantize", "int8"]
+    auto, full = run(*args), run(*args, "--kv-cache", "float32")
+    assert auto.returncode == 0 and full.returncode == 0, auto.stderr + full.stderr
+    assert "Paris" in auto.stdout and auto.stdout == full.stdout
+
+
+def test_kv_cache_auto_is_bf16_only_where_the_cpp_step_reads_a_quantized_models_cache():
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("chat_app", APPS / "chat.py")
+    chat = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chat)
+    auto = chat.parse_args(["--quantize", "int4"])
+    assert chat.kv_cache_dtype(auto, cpu_decode=True) == torch.bfloat16
+    assert chat.kv_cache_dtype(auto, cpu_decode=False) is None  # core's attention would convert it every step
+    assert chat.kv_cache_dtype(chat.parse_args([]), cpu_decode=True) is None  # float models: their own dtype
+    assert chat.kv_cache_dtype(chat.parse_args(["--kv-cache", "float32", "--quantize", "int8"]), True) == torch.float32
+    assert chat.kv_cache_dtype(chat.parse_args(["--kv-cache", "bfloat16"]), False) == torch.bfloat16
+
+
 def test_chat_keeps_the_conversation_and_understands_commands():
     stdin = "My name is Ada.\n/reset\nHello\n/quit\n"
     out = subprocess.run([sys.executable, APPS / "chat.py", "--temperature", "0", "--max-new-tokens", "12"],
@@ -55,7 +81,7 @@ def test_chat_bad_checkpoint_is_one_clear_line_and_status_2(tmp_path):
 def test_chat_help_documents_every_option():
     out = run(APPS / "chat.py", "--help")
     for option in ["--prompt", "--checkpoint", "--temperature", "--top-k", "--top-p", "--max-new-tokens", "--seed",
-                   "--device", "--dtype", "--compile", "--system", "--quantize"]:
+                   "--device", "--dtype", "--compile", "--system", "--quantize", "--kv-cache"]:
         assert option in out.stdout
 
 

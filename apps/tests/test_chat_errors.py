@@ -22,7 +22,7 @@ BAD = [
     *[["--max-new-tokens", v] for v in ("-1", "0", "1.5", "nan")],
     *[["--seed", v] for v in ("-1", str(2**64), "x")],
     ["--device", "foo"], ["--device", "cuda:x"], ["--device", NO_SUCH_GPU], ["--device", "meta"],
-    ["--device", "hpu"], ["--dtype", "int3"], ["--quantize", "int2"], ["--no-such-option"],
+    ["--device", "hpu"], ["--dtype", "int3"], ["--quantize", "int2"], ["--kv-cache", "int8"], ["--no-such-option"],
     ["--prompt", "caf\udce9"], ["--system", "\udcff\udcfe"],  # bytes 0xE9, 0xFF 0xFE in argv: not UTF-8
 ]
 

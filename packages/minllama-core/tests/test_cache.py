@@ -136,3 +136,39 @@ def test_the_compiled_decode_step_is_reused_by_a_new_cache_of_the_same_shape():
     assert generate(model, [[4, 5, 6, 7]], 6, compile=True) == generate(model, [[4, 5, 6, 7]], 6)
     assert counters["stats"]["unique_graphs"] == graphs == 1  # same bucket, new cache object: no recompilation
     assert first == generate(model, [[1, 2, 3]], 6)
+
+
+def test_a_cache_may_store_keys_and_values_in_bf16_for_an_fp32_model():
+    """``model.kv_cache_dtype``: every new cache stores bf16, rounded once when written and read back in fp32; the logits stay those of the fp32 cache within bf16's
+    rounding of the keys and values."""
+    from minllama.core.paged_cache import PagedKVCache
+
+    model = tiny_model("tiny-gqa")
+    with torch.no_grad():
+        for p in model.parameters():  # weights of a trained model's scale: attention that is not uniform
+            p.normal_(0, 0.3)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+
+    def run(cache):
+        with torch.no_grad():
+            first = model(tokens[:, :8], cache.reserve(8), cache=cache)
+            steps = [model(tokens[:, t:t + 1], cache.reserve(1), cache=cache) for t in range(8, 12)]
+        return torch.cat([first, *steps], 1)
+
+    full = StaticKVCache(model, 1, 16)
+    want = run(full)
+    model.kv_cache_dtype = torch.bfloat16
+    half = StaticKVCache(model, 1, 16)
+    assert half.k[0].dtype == torch.bfloat16 and half.nbytes() * 2 == full.nbytes()
+    got = run(half)
+    assert got.dtype == torch.float32
+    # the first layer's keys and values of the prompt: computed alike, then rounded (the layers after it attend over
+    # rounded ones, so their inputs differ a little)
+    assert torch.equal(half.k[0][:, :, :8], full.k[0][:, :, :8].bfloat16())
+    assert torch.equal(half.v[0][:, :, :8], full.v[0][:, :, :8].bfloat16())
+    torch.testing.assert_close(got, want, rtol=0, atol=0.02 * want.abs().max().item())
+    assert not torch.equal(got[:, 8:], want[:, 8:])  # (the rounding is real)
+    assert half.resized(32, model).k[0].dtype == torch.bfloat16  # a conversation that outgrows it keeps it
+    assert PagedKVCache(model, 4, 4).k[0].dtype == torch.bfloat16
+    assert StaticKVCache(model, 1, 4, dtype=torch.float32).k[0].dtype == torch.float32  # an explicit dtype wins
+    assert generate(model, [[1, 2, 3]], 6) == [g for g in generate(model, [[1, 2, 3]], 6)]  # runs end to end

@@ -94,6 +94,25 @@ def test_bf16_decode_steps_compute_in_fp32_on_the_bf16_weights():
 
 
 @needs_kernel
+def test_a_bf16_cache_of_an_fp32_model_is_read_and_written_as_cores(monkeypatch):
+    """``model.kv_cache_dtype = torch.bfloat16`` (what chat.py does for quantized models): the C++ step computes in
+    fp32 and rounds what it stores, as core's cache does; oracle: core's eager forward on the same kind of cache."""
+    model = odd_model()
+    model.kv_cache_dtype = torch.bfloat16
+    tokens = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    want, want_cache = steps(model, tokens, 5)
+    fast = use_cpu_decode(copy.deepcopy(model))
+    ext = CountingExtension(cpu_gemv._extension())
+    monkeypatch.setattr(cpu_gemv, "_extension", lambda: ext)
+    got, got_cache = steps(fast, tokens, 5)
+    assert ext.layers == 35 * model.config.n_layers and got_cache.k[0].dtype == torch.bfloat16  # every step in C++
+    # both round the same fp32 keys; the sums' order may move one by a bf16 step (2^-8 relative)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * want.abs().max().item())
+    for a, b in zip((*got_cache.k, *got_cache.v), (*want_cache.k, *want_cache.v)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-5)
+
+
+@needs_kernel
 def test_greedy_generation_is_unchanged():
     model = odd_model()
     prompts = [[1, 2, 3, 4, 5]]

@@ -40,6 +40,14 @@ def attention_mask(slots_q: Tensor, n_slots: int, pad: Tensor | None) -> Tensor 
     return mask.view(-1, 1, *mask.shape[-2:])
 
 
+def storage_dtype(model: MinimalLlama, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a new cache keeps keys and values in: ``dtype`` if given, else the model's ``kv_cache_dtype``
+    when set, else the dtype the model computes in. Storing them narrower than the model computes (bf16 keys for an
+    fp32 or quantized model, as llama.cpp keeps F16 ones by default) halves the cache: they are rounded once when
+    written and read back in the compute dtype."""
+    return dtype or getattr(model, "kv_cache_dtype", None) or model.norm.weight.dtype
+
+
 def positions_of(input_pos: Tensor, pad: Tensor | None) -> Tensor:
     """The RoPE position of each new token: its index after the row's left padding. (T,) or (B, T)."""
     return input_pos if pad is None else (input_pos[None, :] - pad[:, None]).clamp(min=0)
@@ -82,8 +90,8 @@ class StaticKVCache(KVCache):
         if not 0 < max_len <= model.config.max_seq_len:
             raise ValueError(f"a cache of {max_len} tokens does not fit the model's context of "
                              f"{model.config.max_seq_len}")
-        ref = model.norm.weight  # a plain parameter even when other modules are quantized or wrapped
-        dtype, device = dtype or ref.dtype, ref.device
+        # the norm's weight: a plain parameter even when other modules are quantized or wrapped
+        dtype, device = storage_dtype(model, dtype), model.norm.weight.device
         self.k, self.v = [], []  # indexed by layer_index
         for i, layer in enumerate(model.layers):  # each module's own shape: a tensor-parallel rank has fewer heads
             assert layer.attention.layer_index == i, "layers must know their index (core's TransformerBlock)"
@@ -131,10 +139,11 @@ class StaticKVCache(KVCache):
         keys and values of every slot, all head-major: (B, heads, T or S, head_dim)."""
         q, k = attn.rotate(q, k, rope)
         k_all, v_all = self.k[attn.layer_index], self.v[attn.layer_index]
-        k_all.index_copy_(2, slots, k.transpose(1, 2))  # in place: the buffers never change
-        v_all.index_copy_(2, slots, v.transpose(1, 2))
+        k_all.index_copy_(2, slots, k.transpose(1, 2).to(k_all.dtype))  # in place: the buffers never change
+        v_all.index_copy_(2, slots, v.transpose(1, 2).to(v_all.dtype))
         n = self.visible  # (plan's)
-        return q.transpose(1, 2), k_all[:, :, :n], v_all[:, :, :n]
+        # read back in q's dtype: a no-op, unless the cache stores fewer bits than the model computes with
+        return q.transpose(1, 2), k_all[:, :, :n].to(q.dtype), v_all[:, :, :n].to(q.dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))

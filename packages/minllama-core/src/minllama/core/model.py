@@ -188,6 +188,10 @@ class MinimalLlama(nn.Module):
     block_class = TransformerBlock
     attention_class: type | None = None  # None: the block's own (core's Attention)
     feed_forward_class: type | None = None
+    # The dtype new KV caches store keys and values in (``cache.storage_dtype``); None: the model's own. E.g.
+    # ``model.kv_cache_dtype = torch.bfloat16`` halves an fp32 or quantized model's cache, at the price of rounding
+    # each key and value once (llama.cpp's default: F16 keys and values whatever the weights).
+    kv_cache_dtype: torch.dtype | None = None
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()

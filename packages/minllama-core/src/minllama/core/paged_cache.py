@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cache import KVCache
+from .cache import KVCache, storage_dtype
 
 
 class PoolFull(RuntimeError):
@@ -75,8 +75,8 @@ class PagedKVCache(KVCache):
         for i, layer in enumerate(model.layers):
             assert layer.attention.layer_index == i, "layers must know their index (core's TransformerBlock)"
             n_kv_heads, head_dim = layer.attention.cache_shape()
-            self.k.append(torch.zeros(n_kv_heads, n_blocks * block_size, head_dim, dtype=dtype or ref.dtype,
-                                      device=ref.device))
+            self.k.append(torch.zeros(n_kv_heads, n_blocks * block_size, head_dim,
+                                      dtype=storage_dtype(model, dtype), device=ref.device))
             self.v.append(torch.zeros_like(self.k[-1]))
         self.tables: dict[int, list[int]] = {}  # sequence id -> its blocks, in position order
         self.lengths: dict[int, int] = {}  # sequence id -> tokens stored
@@ -85,9 +85,8 @@ class PagedKVCache(KVCache):
     @classmethod
     def for_memory(cls, model, nbytes: int, block_size: int = 16, dtype=None) -> PagedKVCache:
         """As many blocks as fit in ``nbytes`` of keys and values (all layers)."""
-        ref = model.norm.weight
         per_token = sum(2 * h * d for h, d in (layer.attention.cache_shape() for layer in model.layers))
-        per_block = per_token * block_size * (dtype or ref.dtype).itemsize
+        per_block = per_token * block_size * storage_dtype(model, dtype).itemsize
         if nbytes < per_block:
             raise ValueError(f"{nbytes} bytes hold no block of {block_size} tokens ({per_block} bytes): give more")
         return cls(model, nbytes // per_block, block_size, dtype)
@@ -168,13 +167,13 @@ class PagedKVCache(KVCache):
         q, k = attn.rotate(q, k, rope)
         pool_k, pool_v = self.k[attn.layer_index], self.v[attn.layer_index]  # (n_kv_heads, n_slots, head_dim)
         flat = slots.flatten()  # (B*T,)
-        pool_k.index_copy_(1, flat, k.flatten(0, 1).transpose(0, 1))
-        pool_v.index_copy_(1, flat, v.flatten(0, 1).transpose(0, 1))
+        pool_k.index_copy_(1, flat, k.flatten(0, 1).transpose(0, 1).to(pool_k.dtype))
+        pool_v.index_copy_(1, flat, v.flatten(0, 1).transpose(0, 1).to(pool_v.dtype))
         key_slots = self._step[3]  # (B, S)
         B, S = key_slots.shape
         keys = pool_k[:, key_slots.flatten()].view(-1, B, S, pool_k.shape[-1]).transpose(0, 1)  # (B, kv, S, hd)
         values = pool_v[:, key_slots.flatten()].view(-1, B, S, pool_v.shape[-1]).transpose(0, 1)
-        return q.transpose(1, 2), keys, values
+        return q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype)  # (a no-op unless stored narrower)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from minllama.core.cache import KVCache, attention_mask
+from minllama.core.cache import KVCache, attention_mask, storage_dtype
 from minllama.core.generate import generate_stream
 from minllama.core.model import MinimalLlama, apply_rope
 from minllama.core.session import ChatSession
@@ -55,7 +55,7 @@ class SinkKVCache(KVCache):
             assert layer.attention.layer_index == i, "layers must know their index (core's TransformerBlock)"
             n_kv_heads, head_dim = layer.attention.cache_shape()
             shape = (batch_size, n_kv_heads, self.capacity, head_dim)
-            self.k.append(torch.zeros(shape, dtype=dtype or ref.dtype, device=ref.device))
+            self.k.append(torch.zeros(shape, dtype=storage_dtype(model, dtype), device=ref.device))
             self.v.append(torch.zeros_like(self.k[-1]))
         self.length = 0
         self.n_evicted = 0

@@ -218,12 +218,13 @@ class CpuDecodeMixin:
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
     def _cached_steps(self, tokens: Tensor, input_pos, pad, cache) -> bool:
-        """Whether tokens of one sequence can go through the C++ layers: into a StaticKVCache of the model's dtype,
-        at known positions (one each: anything else is core's forward's error to report), unpadded, for inference
+        """Whether tokens of one sequence can go through the C++ layers: into an fp32 or bf16 StaticKVCache (the
+        C++ step computes in fp32 and rounds what it stores, as core's cache does, whatever the model's dtype), at
+        known positions (one each: anything else is core's forward's error to report), unpadded, for inference
         (not traced)."""
         return (pad is None and input_pos is not None and input_pos.shape == tokens.shape[-1:]
                 and type(cache) is StaticKVCache
-                and cache.k[0].dtype == self.norm.weight.dtype and not torch.is_grad_enabled()
+                and cache.k[0].dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling() and tokens.device.type == "cpu")
 
 
