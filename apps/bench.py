@@ -9,7 +9,8 @@
 MinimalLlama runs in three modes: eager (the model as written), cpu-decode (eager, with each one-token step's
 decoder layers in C++: ``minllama.kernels.cpu_decode``, on CPUs with AVX-512) and compiled (``torch.compile``).
 Besides fp32 and bf16, three quantized formats (``--dtypes``): minllama-quant's int8 and int4 (groups of 32, the head
-in int8) and the shipped file's own Q4_1 blocks. llama.cpp runs on the same GGUF weights re-encoded to F32 (against
+in int8) and the shipped file's own Q4_1 blocks (on the C++ step, as chat.py runs them, with keys and values stored in
+bf16, as llama.cpp stores F16 ones). llama.cpp runs on the same GGUF weights re-encoded to F32 (against
 fp32), F16 (against bf16) and Q8_0 (against int8), and on the shipped Q4_1 file (against int4 and q4_1), when
 ``llama-cpp-python`` is installed; it builds from source, so it is not a dependency: ``apps/bench_llamacpp.py``
 says how to install it, and its rows are skipped with a note when it is absent.

@@ -54,10 +54,10 @@ def _on_meta():
     def buffer_on_meta(self: nn.Module, name: str, tensor, persistent: bool = True) -> None:
         register_buffer(self, name, None if tensor is None else tensor.to("meta"), persistent)
 
-    module.register_parameter, module.register_buffer = parameter_on_meta, buffer_on_meta
     def on_meta(construct):
         return lambda self, *args, **kwargs: construct(self, *args, **{**kwargs, "device": "meta"})
 
+    module.register_parameter, module.register_buffer = parameter_on_meta, buffer_on_meta
     for cls in inits:
         cls.reset_parameters = lambda self: None
         cls.__init__ = on_meta(constructors[cls])
