@@ -139,8 +139,8 @@ def test_the_compiled_decode_step_is_reused_by_a_new_cache_of_the_same_shape():
 
 
 def test_a_cache_may_store_keys_and_values_in_bf16_for_an_fp32_model():
-    """``model.kv_cache_dtype``: every new cache stores bf16, rounded once when written and read back in fp32; the logits stay those of the fp32 cache within bf16's
-    rounding of the keys and values."""
+    """``model.kv_cache_dtype``: every new cache stores bf16, rounded once when written and read back in fp32;
+    the logits stay those of the fp32 cache within bf16's rounding of the keys and values."""
     from minllama.core.paged_cache import PagedKVCache
 
     model = tiny_model("tiny-gqa")
