@@ -100,10 +100,11 @@ def _quantize_int4_rows(w: Tensor, group_size: int) -> dict[str, Tensor]:
     wp = pad_columns(w.float(), group_size)
     N, Kp = wp.shape
     groups = wp.view(N, Kp // group_size, group_size)  # (N, G, g)
-    lo, hi = groups.amin(-1), groups.amax(-1)  # (N, G)
+    lo, hi = torch.aminmax(groups, dim=-1)  # (N, G)
     mins = _round_fp16(lo, -math.inf)
     scales = _round_fp16(((hi - mins.float()) / 15).clamp(min=2**-24), math.inf)
-    q = torch.round((groups - mins.float()[..., None]) / scales.float()[..., None]).clamp(0, 15)
+    # in place after the first subtraction: one float temporary of the block, not four
+    q = (groups - mins.float()[..., None]).div_(scales.float()[..., None]).round_().clamp_(0, 15)
     return {"qweight": pack_nibbles(q.view(N, Kp)), "scales": scales, "mins": mins}
 
 
