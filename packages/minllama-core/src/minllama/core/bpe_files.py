@@ -102,10 +102,12 @@ class ByteLevelBPETokenizer(BytePairEncoder):
                  pad_id: int | None = None, ignore_merges: bool = False, control_tokens: set[str] | None = None,
                  chat_template: str | None = None):
         to_bytes = lambda t: bytes(U2B[c] for c in t)  # noqa: E731
-        encoder = {to_bytes(t): i for t, i in vocab.items() if all(c in U2B for c in t)}
-        self._setup(encoder, added_tokens, patterns)
-        # (left bytes, right bytes) -> position in the merge list = rank
-        self.merge_ranks = {(to_bytes(a), to_bytes(b)): r for r, (a, b) in enumerate(merges)}
+        as_bytes = {t: to_bytes(t) for t in vocab if all(c in U2B for c in t)}  # each token's text, converted once
+        self._setup({b: vocab[t] for t, b in as_bytes.items()}, added_tokens, patterns)
+        # (left bytes, right bytes) -> position in the merge list = rank. The two halves are the vocabulary's own
+        # bytes objects, not copies: 3.7 MB less for SmolLM2's 49k merges
+        half = lambda t: as_bytes.get(t) or to_bytes(t)  # noqa: E731
+        self.merge_ranks = {(half(a), half(b)): r for r, (a, b) in enumerate(merges)}
         self.ignore_merges, self.bos_id, self.eos_id, self.pad_id = ignore_merges, bos_id, eos_id, pad_id
         self.control_tokens = set(added_tokens) if control_tokens is None else set(control_tokens)
         self.chat_template = chat_template
