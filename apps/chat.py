@@ -124,7 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decode through core's PyTorch layers only. By default, on a CPU with AVX-512, each "
                         "one-token step of an fp32 or bf16 model (also with --quantize int8, int4, q8_0, q4_0, "
                         "q4_1) runs its decoder layers in C++ (minllama.kernels.cpu_decode: fp32 arithmetic; 4-bit "
-                        "weights meet x rounded to int8 per block of 32, as in llama.cpp; 1.6-3.9x the tokens/s "
+                        "weights meet x rounded to int8 per block of 32, as in llama.cpp; 1.6-4.1x the tokens/s "
                         "measured; built once on first use, ~20-40 s). Not with --compile")
     p.add_argument("--kv-cache", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the dtype the KV cache stores keys and values in. auto: bfloat16 for a --quantize model "
@@ -289,7 +289,7 @@ def use_cpu_decode_if_possible(model) -> bool:
 def load_model(args, dtype: torch.dtype, device: str):
     """(model, tokenizer) from --checkpoint; with --quantize the head (the tied embedding) and then each layer are
     quantized as soon as they are read (minllama-quant's load_pretrained_quantized), so the float model never exists
-    whole: SmolLM2 in int8 peaks at ~0.75 GB of RSS while loading, where loading in fp32, then quantizing, took
+    whole: SmolLM2 in int8 peaks at ~0.74 GB of RSS while loading, where loading in fp32, then quantizing, took
     1.36 GB."""
     if not args.quantize:
         return load_pretrained(args.checkpoint, dtype=dtype, device=device)
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     if args.quantize:
         from minllama.quant import prepare, set_path
         # the C++ step reads the quantized buffers; a prompt of > 16 tokens dequantizes each matrix as it goes, a
-        # shorter one runs in C++: no packed copy of the weights (SmolLM2 Q4_1: 0.71 GB of peak RSS, not 0.89)
+        # shorter one runs in C++: no packed copy of the weights (SmolLM2 Q4_1: 0.70 GB of peak RSS, not 0.94)
         if cpu_decode:
             set_path(model, "fallback")
         else:
