@@ -33,9 +33,12 @@ def pack_nibbles(codes: Tensor) -> Tensor:
     return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
-def unpack_nibbles(packed: Tensor) -> Tensor:
-    """The inverse of ``pack_nibbles``: (N, K/2) bytes -> (N, K) codes (uint8)."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+def unpack_nibbles(packed: Tensor, dtype: torch.dtype = torch.uint8) -> Tensor:
+    """The inverse of ``pack_nibbles``: (N, K/2) bytes -> (N, K) codes in ``dtype``, written straight into it (a
+    dequantization asks for float32: no byte copy of the codes first)."""
+    codes = torch.empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=dtype, device=packed.device)
+    codes[..., 0::2], codes[..., 1::2] = packed & 15, packed >> 4
+    return codes
 
 
 ROWS_CHUNK = 1 << 20  # weights quantized at once by ``by_rows``: float32 temporaries of 4 MB
@@ -73,7 +76,8 @@ def quantize_int8(w: Tensor) -> dict[str, Tensor]:
 
 
 def _quantize_int8_rows(w: Tensor) -> dict[str, Tensor]:
-    lo, hi = torch.aminmax(w.float(), dim=1)  # max|w_row| = max(-min, max), without a |w| copy of the block
+    w = w.float()
+    lo, hi = torch.aminmax(w, dim=1)  # max|w_row| = max(-min, max), without a |w| copy of the block
     scales = torch.maximum(-lo, hi).clamp(min=1e-12) / 127  # (N,)
     q = (w / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # (N, K): one float temporary
     return {"qweight": q, "scales": scales}
@@ -110,9 +114,7 @@ def _quantize_int4_rows(w: Tensor, group_size: int) -> dict[str, Tensor]:
 
 def dequantize_int4(qweight: Tensor, scales: Tensor, mins: Tensor, in_features: int) -> Tensor:
     N, G = scales.shape
-    w = torch.empty(N, qweight.shape[1] * 2, device=qweight.device)  # the codes, written straight as floats:
-    w[:, 0::2], w[:, 1::2] = qweight & 15, qweight >> 4  # pack_nibbles' layout, no unpacked byte copy first
-    w = w.view(N, G, -1)  # (N, G, g)
+    w = unpack_nibbles(qweight, torch.float32).view(N, G, -1)  # (N, G, g), the codes
     w.mul_(scales.float()[..., None]).add_(mins.float()[..., None])  # in place: one float32 matrix, not three
     return w.view(N, -1)[:, :in_features]
 
@@ -180,7 +182,7 @@ def nf4_absmax(absmax_q: Tensor, absmax_scale: Tensor, absmax_mean: Tensor) -> T
 
 def dequantize_nf4(qweight: Tensor, absmax: Tensor, in_features: int) -> Tensor:
     N, B = absmax.shape
-    codes = unpack_nibbles(qweight).long().view(N, B, NF4_BLOCK)
+    codes = unpack_nibbles(qweight, torch.long).view(N, B, NF4_BLOCK)
     w = NF4_LEVELS.to(qweight.device)[codes] * absmax[..., None]
     return w.view(N, -1)[:, :in_features]
 
