@@ -45,22 +45,6 @@ def test_chat_quantized_on_the_cpp_step_with_its_bf16_cache_answers_paris():
     assert "Paris" in auto.stdout and auto.stdout == full.stdout
 
 
-def test_kv_cache_auto_is_bf16_only_where_the_cpp_step_reads_a_quantized_models_cache():
-    import importlib.util
-
-    import torch
-
-    spec = importlib.util.spec_from_file_location("chat_app", APPS / "chat.py")
-    chat = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(chat)
-    auto = chat.parse_args(["--quantize", "int4"])
-    assert chat.kv_cache_dtype(auto, cpu_decode=True) == torch.bfloat16
-    assert chat.kv_cache_dtype(auto, cpu_decode=False) is None  # core's attention would convert it every step
-    assert chat.kv_cache_dtype(chat.parse_args([]), cpu_decode=True) is None  # float models: their own dtype
-    assert chat.kv_cache_dtype(chat.parse_args(["--kv-cache", "float32", "--quantize", "int8"]), True) == torch.float32
-    assert chat.kv_cache_dtype(chat.parse_args(["--kv-cache", "bfloat16"]), False) == torch.bfloat16
-
-
 def test_chat_keeps_the_conversation_and_understands_commands():
     stdin = "My name is Ada.\n/reset\nHello\n/quit\n"
     out = subprocess.run([sys.executable, APPS / "chat.py", "--temperature", "0", "--max-new-tokens", "12"],

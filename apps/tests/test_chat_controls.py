@@ -204,3 +204,12 @@ def test_help_states_the_defaults_once():
     assert "(default: the model family's own)" in help_text and "(default: None)" not in help_text
     assert "(default: 320)" in help_text and "(default: 1.0)" in help_text  # --max-new-tokens, --repetition-penalty
     assert "--threads" in help_text and "compiles (roughly 60 s" in help_text
+
+
+def test_kv_cache_auto_is_bf16_only_where_the_cpp_step_reads_a_quantized_models_cache():
+    auto = chat.parse_args(["--quantize", "int4"])
+    assert chat.kv_cache_dtype(auto, cpu_decode=True) == torch.bfloat16
+    assert chat.kv_cache_dtype(auto, cpu_decode=False) is None  # core's attention would convert it every step
+    assert chat.kv_cache_dtype(chat.parse_args([]), cpu_decode=True) is None  # float models: their own dtype
+    assert chat.kv_cache_dtype(chat.parse_args(["--kv-cache", "float32", "--quantize", "int8"]), True) == torch.float32
+    assert chat.kv_cache_dtype(chat.parse_args(["--kv-cache", "bfloat16"]), False) == torch.bfloat16
