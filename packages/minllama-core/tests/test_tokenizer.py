@@ -155,6 +155,28 @@ def test_special_tokens_only_when_allowed(smol, smol_oracle):
     assert smol.encode("hi", bos=True, eos=True) == [1, *smol.encode("hi"), 2]
 
 
+
+def test_a_token_made_by_two_merges(tmp_path):
+    """Llama 3's tokenizer.json lists several merges that make one token; ``set_merges`` keeps the first at the
+    token and the others aside. Here "abc" is made by a+bc (rank 2) and by ab+c (rank 3), and "abc" itself only
+    reaches ab+c (a+b ranks before b+c): the tokenizers library on the same file is the oracle."""
+    vocab = {t: i for i, t in enumerate(["a", "b", "c", "ab", "bc", "abc", "ca", "cab"])}
+    merges = [("a", "b"), ("b", "c"), ("a", "bc"), ("ab", "c"), ("c", "a"), ("c", "ab"), ("ca", "b")]
+    oracle = tokenizers.Tokenizer(models.BPE(vocab, merges))
+    oracle.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    oracle.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path)
+    assert tok.merge_ranks == {(a.encode(), b.encode()): r for r, (a, b) in enumerate(merges)}
+    for text in ["abc", "abca", "cabc", "bcab", "aabbcc", "cab", "cabcab", "bca", "abcabcabc"]:
+        assert tok.encode(text) == oracle.encode(text).ids, text
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["model"]["merges"].append(["bc", "a"])  # "bca" is no token: the tokenizers library refuses it too
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="merge b'bc' \\+ b'a' makes a token that is not in the vocabulary"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(Exception, match="`bca` out of vocabulary"):
+        tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+
 @pytest.fixture(scope="module")
 def llama3_style_oracle(smol_oracle):
     """SmolLM2's vocab with Llama 3's HF pre-tokenizer (Split(Llama 3 regex) + ByteLevel without regex),

@@ -53,7 +53,11 @@ class BytePairEncoder(Tokenizer):
         """``encoder``: token bytes -> id; ``special_tokens``: whole strings -> id; ``patterns``: the
         pre-tokenizer regexes, applied one after the other."""
         self.encoder, self.special_tokens, self.patterns = encoder, dict(special_tokens), list(patterns)
-        self.decoder = {i: b for b, i in encoder.items()} | {i: t.encode() for t, i in self.special_tokens.items()}
+        # id -> bytes as a list (ids are dense: a list is a seventh of a dict's size); None for an unused id
+        ids = {i: b for b, i in encoder.items()} | {i: t.encode() for t, i in self.special_tokens.items()}
+        self.decoder: list[bytes | None] = [None] * (max(ids, default=-1) + 1)
+        for i, b in ids.items():
+            self.decoder[i] = b
         self._regexes = [regex.compile(p) for p in self.patterns]
         # Longest first, so that of two specials starting at the same place the longer one wins.
         alternatives = sorted(self.special_tokens, key=len, reverse=True)
@@ -62,7 +66,7 @@ class BytePairEncoder(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return max(self.decoder) + 1
+        return len(self.decoder)
 
     def _rank(self, left: bytes, right: bytes) -> int | None:
         """Priority of joining ``left`` and ``right`` (lower merges first); None if they never merge."""
@@ -131,7 +135,9 @@ class BytePairEncoder(Tokenizer):
 
     # decoding
     def decode_bytes(self, ids: Iterable[int], at_start: bool = True) -> bytes:
-        try:
-            return b"".join(self.decoder[int(i)] for i in ids)
-        except KeyError as e:
-            raise ValueError(f"token id {e.args[0]} is not in the vocabulary (size {self.vocab_size})") from None
+        ids = [int(i) for i in ids]
+        parts = [self.decoder[i] if 0 <= i < len(self.decoder) else None for i in ids]
+        if None in parts:
+            unknown = ids[parts.index(None)]
+            raise ValueError(f"token id {unknown} is not in the vocabulary (size {self.vocab_size})")
+        return b"".join(parts)

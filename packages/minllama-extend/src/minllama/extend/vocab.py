@@ -153,11 +153,11 @@ def extend_bpe(tokenizer: ByteLevelBPETokenizer, texts: Iterable[str], n_new: in
                     i += 1
             segs[w] = out
     first = tokenizer.vocab_size
-    rank0 = max(tokenizer.merge_ranks.values(), default=-1) + 1
     ext = copy.copy(tokenizer)
     encoder = dict(tokenizer.encoder) | {t: first + j for j, t in enumerate(new_tokens)}
     ext._setup(encoder, tokenizer.special_tokens, tokenizer.patterns)
-    ext.merge_ranks = dict(tokenizer.merge_ranks) | {m: rank0 + j for j, m in enumerate(new_merges)}
+    old_merges = tokenizer.merge_ranks
+    ext.set_merges([*sorted(old_merges, key=old_merges.get), *new_merges])  # the new merges rank after the old
     replaced = [[tokenizer.encoder[p] for p in tokenizer._merge(t)] for t in new_tokens]
     return ext, replaced
 
