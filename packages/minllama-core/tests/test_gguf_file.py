@@ -99,6 +99,26 @@ def test_a_damaged_header_is_a_clear_error(tmp_path):
         GGUFFile(tmp_path / "dup2.gguf")
 
 
+
+def test_string_arrays_are_checked_on_open_and_decoded_when_read(tmp_path):
+    """An array of strings is decoded when read (a vocabulary: by the tokenizer, after the weights): every length is
+    checked when the file opens, and a string that is not UTF-8 is an error naming it when the array is read."""
+    words = ["a", "\u00e9\u00e9", "", "z" * 300]
+    path = write(tmp_path / "s.gguf", {"words": (words, V.ARRAY, V.STRING)}, {})
+    read = GGUFFile(path).fields["words"]
+    assert (list(read), read[1], read[-1], read[1:3], len(read)) == (words, words[1], words[-1], words[1:3], 4)
+    data = open(path, "rb").read()
+    (tmp_path / "bad.gguf").write_bytes(data.replace("\u00e9\u00e9".encode(), b"\xff\xfe\xff\xfe", 1))
+    bad = GGUFFile(tmp_path / "bad.gguf").fields["words"]
+    assert bad[0] == "a" and bad[3] == "z" * 300
+    for read_all in (list, lambda b: b[1], lambda b: [*b]):
+        with pytest.raises(ValueError, match="string 1 of the array at byte [0-9]+ is not UTF-8"):
+            read_all(bad)
+    at = data.index(b"z" * 300) - 8  # the last string's length: one byte too long runs past the end of the file
+    (tmp_path / "long.gguf").write_bytes(data[:at] + (301).to_bytes(8, "little") + data[at + 8:at + 308])
+    with pytest.raises(ValueError, match="truncated"):
+        GGUFFile(tmp_path / "long.gguf")
+
 def mapped(path) -> bool:
     with open("/proc/self/maps") as f:
         return any(line.rstrip().endswith(str(path)) for line in f)

@@ -154,6 +154,7 @@ class ByteLevelBPETokenizer(BytePairEncoder):
         tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
         if tokens is None or get("tokenizer.ggml.model") != "gpt2":
             raise ValueError("this GGUF file has no byte-level BPE (tokenizer.ggml.model = 'gpt2') vocabulary")
+        tokens = list(tokens)  # decoded from the file once (the reader decodes its string arrays when read)
         pre = get("tokenizer.ggml.pre", "gpt2")
         if pre not in GGUF_PRE_TOKENIZERS:
             raise ValueError(f"unknown GGUF pre-tokenizer {pre!r}; add its regexes to GGUF_PRE_TOKENIZERS")

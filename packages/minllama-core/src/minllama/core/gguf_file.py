@@ -27,6 +27,8 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import gguf
@@ -145,26 +147,22 @@ class GGUFFile:
             return self._strings(count)
         return [self._value(item) for _ in range(count)]
 
-    def _strings(self, count: int) -> list[str]:
-        """An array of strings (a vocabulary: 49k tokens, 48k merges) in one tight loop."""
-        buffer, pos, size, out = self.buffer, self.pos, self.size, []
+    def _strings(self, count: int) -> StringArray:
+        """An array of strings (a vocabulary: 49k tokens, 48k merges): where each one starts, in one tight loop."""
+        buffer, pos, size, starts = self.buffer, self.pos, self.size, array("Q")
         length_at = struct.Struct("<Q").unpack_from
         for _ in range(count):
             if pos + 8 > size:
                 break
-            (n,) = length_at(buffer, pos)
-            if pos + 8 + n > size:
+            starts.append(pos)
+            pos += 8 + length_at(buffer, pos)[0]
+            if pos > size:
                 break
-            out.append(buffer[pos + 8:pos + 8 + n])
-            pos += 8 + n
-        self.pos = pos
-        if len(out) < count:
+        if len(starts) < count or pos > size:
             self._bytes(size + 1)  # past the end: the truncation error
-        try:
-            return [b.decode("utf-8") for b in out]
-        except UnicodeDecodeError:
-            bad = next(i for i, b in enumerate(out) if not _is_utf8(b))
-            raise ValueError(f"string {bad} of the array ending at byte {pos} is not UTF-8") from None
+        starts.append(pos)
+        self.pos = pos
+        return StringArray(buffer, starts)
 
     def _tensor_info(self) -> tuple:
         name, n_dims = self._string(), self._read("I")
@@ -184,12 +182,41 @@ class GGUFFile:
         return name, shape, tensor_type, self._read("Q"), n_bytes
 
 
-def _is_utf8(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
+class StringArray(Sequence):
+    """A metadata array of strings, each decoded when it is read. A vocabulary's tokens and merges are read once,
+    by the tokenizer, after the weights; as lists of str from the moment the file opens they would take ~7 MB (for
+    SmolLM2's 2 x 49k strings) through the whole load, and leave holes among the weights when they go. Opening the
+    file checks every length; a string that is not UTF-8 is an error when it is read."""
+
+    def __init__(self, buffer, starts: array):
+        self._buffer, self._starts = buffer, starts  # string i: 8 bytes of length at starts[i], then its bytes
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"string {i} of an array of {len(self)}")
+        i %= len(self)
+        try:
+            return self._buffer[self._starts[i] + 8:self._starts[i + 1]].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"string {i} of the array at byte {self._starts[0]} is not UTF-8") from None
+
+    def __iter__(self):
+        buffer, starts = self._buffer, self._starts
+        try:  # all at once: the caller reads the whole array (a tokenizer being built)
+            return iter([buffer[i + 8:j].decode("utf-8") for i, j in zip(starts, starts[1:])])
+        except UnicodeDecodeError:
+            return (self[i] for i in range(len(self)))  # __getitem__ says which string is not UTF-8
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (list, tuple, StringArray)) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"StringArray({len(self)} strings)"
 
 
 # ------------------------------------------------------------------------------------------- blocks -> floats
