@@ -34,9 +34,14 @@ import subprocess
 import sys
 import time
 
-import torch
+# MKL (PyTorch's fp32 matrix products on x86) reads this once, as torch starts: it then frees its work buffers
+# after each product instead of pooling them (~20 MB less after a long prompt; see minllama.core.memory).
+# As in chat.py; each row's worker process inherits it.
+os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
-from minllama.core.dtypes import DTYPES as CORE_DTYPES
+import torch  # noqa: E402 (after the line above)
+
+from minllama.core.dtypes import DTYPES as CORE_DTYPES  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 # the formats measured, as the table names them: fp32 and bf16 (core), and on an fp32 model minllama-quant's int8
@@ -76,16 +81,17 @@ def bench_ours(args, compile: bool, cpu_decode: bool = False) -> dict:
     from minllama.core.cache import StaticKVCache
     from minllama.core.generate import generate_stream
 
+    # `tokenizer` is not used, but kept alive to the end as a chat keeps it: its memory is part of the peak
     t0 = time.perf_counter()
     if args.dtype in ("int8", "int4"):  # each layer quantized as it is read: the fp32 model never exists whole
         from minllama.quant import load_pretrained_quantized
         options = dict(group_size=32, head="int8") if args.dtype == "int4" else {}
-        model, _ = load_pretrained_quantized(MODEL, args.dtype, DTYPES[args.dtype], args.device, **options)
+        model, tokenizer = load_pretrained_quantized(MODEL, args.dtype, DTYPES[args.dtype], args.device, **options)
     elif args.dtype == "q4_1":  # the file's blocks as they are
         from minllama.quant.gguf_model import load_gguf_quantized
-        model, _ = load_gguf_quantized(device=args.device)
+        model, tokenizer = load_gguf_quantized(device=args.device)
     else:
-        model, _ = load_pretrained(MODEL, dtype=DTYPES[args.dtype], device=args.device)
+        model, tokenizer = load_pretrained(MODEL, dtype=DTYPES[args.dtype], device=args.device)
     if cpu_decode:  # one-token steps through the C++ decoder layers (built on first use, then cached)
         from minllama.kernels.cpu_decode import cpu_decode_unsupported, use_cpu_decode
         if reason := cpu_decode_unsupported(model):

@@ -1,5 +1,6 @@
 """apps/chat.py's controls on a tiny checkpoint the tests write (fast, and its answers are known): Ctrl-C during an
 answer, the repetition penalty (against transformers' own), the speed line of --streaming, and the help text."""
+import ctypes
 import importlib.util
 import os
 import re
@@ -213,3 +214,31 @@ def test_kv_cache_auto_is_bf16_only_where_the_cpp_step_reads_a_quantized_models_
     assert chat.kv_cache_dtype(chat.parse_args([]), cpu_decode=True) is None  # float models: their own dtype
     assert chat.kv_cache_dtype(chat.parse_args(["--kv-cache", "float32", "--quantize", "int8"]), True) == torch.float32
     assert chat.kv_cache_dtype(chat.parse_args(["--kv-cache", "bfloat16"]), False) == torch.bfloat16
+
+
+def test_chat_and_serve_turn_off_mkls_buffer_pool_before_torch_starts():
+    """MKL reads MKL_DISABLE_FAST_MM once, as torch starts: chat.py and serve.py set it above their torch import, and
+    then an fp32 GEMM leaves nothing held behind (with the pool, MBs: core's test_memory.py)."""
+    probe = """
+import ctypes, importlib.util, os, sys
+os.environ.pop("MKL_DISABLE_FAST_MM", None)
+spec = importlib.util.spec_from_file_location("app", sys.argv[1])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))  # imports torch
+import torch
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks uordblks".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+x, w = torch.randn(512, 576), torch.randn(1536, 576)
+before = libc.mallinfo2().uordblks + libc.mallinfo2().hblkhd
+torch.nn.functional.linear(x, w)  # its output freed at once: only what MKL keeps stays
+print(os.environ["MKL_DISABLE_FAST_MM"], (libc.mallinfo2().uordblks + libc.mallinfo2().hblkhd - before) / 2**20)
+"""
+    if not hasattr(ctypes.CDLL(None), "mallinfo2") or not torch.backends.mkl.is_available():
+        pytest.skip("needs glibc >= 2.33 (mallinfo2) and a torch with MKL")
+    for app in ("chat.py", "serve.py"):
+        run = subprocess.run([sys.executable, "-c", probe, str(APPS / app)], capture_output=True, text=True,
+                             timeout=120, cwd=APPS)
+        assert run.returncode == 0, run.stderr
+        setting, held_mb = run.stdout.split()
+        assert setting == "1" and float(held_mb) < 0.5, (app, run.stdout)
