@@ -3,6 +3,8 @@ table, and bit-identical floats after dequantization, on the embedded SmolLM2 fi
 every value type and every tensor type the loader dequantizes itself (odd shapes), plus the numpy fallback."""
 import gc
 import os
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 from gguf.quants import dequantize, quantize
 
-from minllama.core.gguf_file import GGUFFile, to_torch
+from minllama.core.gguf_file import TYPE_SIZES, GGMLType, GGUFFile, ggml_type, to_torch
 
 Q = gguf.GGMLQuantizationType
 V = gguf.GGUFValueType
@@ -43,6 +45,19 @@ def test_the_embedded_smollm2_file_reads_as_gguf_py_reads_it(smollm2_gguf):
     for a, b in kinds.values():
         assert torch.equal(to_torch(a), oracle_floats(b)), a.name
 
+
+
+def test_our_type_table_is_llama_cpps_and_the_gguf_package_is_only_needed_for_the_others(smollm2_gguf):
+    for kind in GGMLType:
+        assert gguf.GGMLQuantizationType[kind.name] == kind
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)] == TYPE_SIZES[kind], kind.name
+    assert ggml_type(Q.IQ4_NL) == (Q.IQ4_NL, *gguf.GGML_QUANT_SIZES[Q.IQ4_NL])  # one only the gguf package knows
+    with pytest.raises(ValueError):
+        ggml_type(1000)
+    load = ("import sys; from minllama.core.checkpoint import load_pretrained; load_pretrained(sys.argv[1]); "
+            "print(sorted({'gguf', 'yaml', 'sentencepiece'} & set(sys.modules)))")
+    run = subprocess.run([sys.executable, "-c", load, smollm2_gguf], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.split() == ["[]"], run.stderr  # model and tokenizer, neither package
 
 def write(path, values: dict, tensors: dict) -> str:
     w = gguf.GGUFWriter(str(path), "llama")

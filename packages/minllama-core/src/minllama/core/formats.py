@@ -299,7 +299,7 @@ def _f32(x: float) -> float:
 
 def config_from_gguf(reader, file: str = "GGUF file") -> LlamaConfig:
     """The ``{arch}.*`` metadata of a llama GGUF file -> LlamaConfig."""
-    import gguf
+    from .gguf_file import GGMLType
 
     arch = gguf_field(reader, "general.architecture")
     if arch != "llama":
@@ -323,7 +323,7 @@ def config_from_gguf(reader, file: str = "GGUF file") -> LlamaConfig:
     rope_scaling = None
     if "rope_freqs.weight" in names:  # Llama 3.1: llama.cpp stores the per-pair divisors, not the parameters
         t = names["rope_freqs.weight"]
-        if t.tensor_type != gguf.GGMLQuantizationType.F32 or tuple(int(n) for n in t.shape) != (head_dim // 2,):
+        if t.tensor_type != GGMLType.F32 or tuple(int(n) for n in t.shape) != (head_dim // 2,):
             raise CheckpointError(f"{file}: rope_freqs.weight is {t.tensor_type.name} of shape "
                                   f"{tuple(int(n) for n in t.shape)}, not F32 of ({head_dim // 2},) (one factor per "
                                   "rotated channel pair): a damaged file")

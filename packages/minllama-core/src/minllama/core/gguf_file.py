@@ -30,14 +30,41 @@ import struct
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 
-import gguf
 import numpy as np
 import torch
 from torch import Tensor
 
 BLOCK = 32
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
+
+
+class GGMLType(IntEnum):
+    """The tensor types of llama.cpp's common files (their numbers in ggml.h); values equal the ``gguf`` package's
+    ``GGMLQuantizationType``. A type not listed here (the i-quants...) is looked up in that package, imported then:
+    importing it costs ~30 ms and 3 MB, which a file of these types does not need."""
+    F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
+    Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 10, 11, 12, 13, 14
+    BF16 = 30
+
+
+# type -> (weights per block, bytes per block): a float type is a "block" of one weight
+TYPE_SIZES = {GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.BF16: (1, 2), GGMLType.Q4_0: (32, 18),
+              GGMLType.Q4_1: (32, 20), GGMLType.Q5_0: (32, 22), GGMLType.Q5_1: (32, 24), GGMLType.Q8_0: (32, 34),
+              GGMLType.Q2_K: (256, 84), GGMLType.Q3_K: (256, 110), GGMLType.Q4_K: (256, 144),
+              GGMLType.Q5_K: (256, 176), GGMLType.Q6_K: (256, 210)}
+
+
+def ggml_type(raw: int) -> tuple[IntEnum, int, int]:
+    """(type, weights per block, bytes per block) of a tensor type number; ValueError if no one knows it."""
+    if raw in GGMLType._value2member_map_:
+        kind = GGMLType(raw)
+        return (kind, *TYPE_SIZES[kind])
+    import gguf
+
+    kind = gguf.GGMLQuantizationType(raw)
+    return (kind, *gguf.GGML_QUANT_SIZES[kind])
 FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # metadata value types (gguf.GGUFValueType) -> struct format of one scalar
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -48,7 +75,7 @@ _STRING, _ARRAY = 8, 9
 class GGUFTensor:
     name: str
     shape: tuple[int, ...]  # GGUF order: innermost (contiguous) dimension first; PyTorch's is the reverse
-    tensor_type: gguf.GGMLQuantizationType
+    tensor_type: IntEnum  # a GGMLType, or the gguf package's GGMLQuantizationType for the others
     data_offset: int  # absolute position of its first byte in the file
     n_bytes: int
     # The file's mapping and size, not the GGUFFile: a tensor pointing back at the file that lists it would be a
@@ -171,10 +198,9 @@ class GGUFFile:
         shape = tuple(self._read("Q") for _ in range(n_dims))
         raw_type = self._read("I")
         try:
-            tensor_type = gguf.GGMLQuantizationType(raw_type)
-        except ValueError:
+            tensor_type, block, block_bytes = ggml_type(raw_type)
+        except (ValueError, KeyError):
             raise ValueError(f"tensor {name!r} has an unknown type {raw_type}") from None
-        block, block_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
         if shape[0] % block:
             raise ValueError(f"tensor {name!r}: its rows of {shape[0]} are not whole blocks of {block} "
                              f"({tensor_type.name})")
