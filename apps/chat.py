@@ -129,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decode through core's PyTorch layers only. By default, on a CPU with AVX-512, each "
                         "one-token step of an fp32 or bf16 model (also with --quantize int8, int4, q8_0, q4_0, "
                         "q4_1) runs its decoder layers in C++ (minllama.kernels.cpu_decode: fp32 arithmetic; 4-bit "
-                        "weights meet x rounded to int8 per block of 32, as in llama.cpp; 1.5-5x the tokens/s "
+                        "weights meet x rounded to int8 per block of 32, as in llama.cpp; 1.5-4.5x the tokens/s "
                         "measured; built once on first use, ~20-40 s). Not with --compile")
     p.add_argument("--kv-cache", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the dtype the KV cache stores keys and values in. auto: bfloat16 for a --quantize model "
