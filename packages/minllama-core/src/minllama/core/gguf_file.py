@@ -65,6 +65,8 @@ def ggml_type(raw: int) -> tuple[IntEnum, int, int]:
 
     kind = gguf.GGMLQuantizationType(raw)
     return (kind, *gguf.GGML_QUANT_SIZES[kind])
+
+
 FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # metadata value types (gguf.GGUFValueType) -> struct format of one scalar
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}

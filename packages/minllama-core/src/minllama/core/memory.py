@@ -9,9 +9,11 @@ every free block; what is reused afterwards is faulted in again, once.
 
 Intel's MKL, which PyTorch's x86 builds link in for fp32 matrix products, keeps a pool of its own: the work buffers
 of its GEMMs stay allocated after each call, for the next one (~20 MB after one 512-token prefill of SmolLM2).
-``release_free_memory`` empties that pool too. To have no pool at all (a lower peak while prefilling, at no
-measured cost in speed), set ``MKL_DISABLE_FAST_MM=1`` before ``import torch``: MKL reads it once, when it starts;
-``apps/chat.py``, ``serve.py`` and ``bench.py`` do.
+``release_free_memory`` empties that pool too. To have no pool at all (a peak 15-20 MB lower while prefilling), set
+``MKL_DISABLE_FAST_MM=1`` before ``import torch``: MKL reads it once, when it starts; ``apps/chat.py``, ``serve.py``
+and ``bench.py`` do. The cost, measured in pairs of runs: none for an fp32 prefill; an int8 model's 512-token
+prefill (a dequantized matrix, then MKL's buffers, each product) takes the same time when the heap has free room
+for the buffers and up to ~15% longer when it has not (their pages are then faulted in anew every time).
 """
 from __future__ import annotations
 
