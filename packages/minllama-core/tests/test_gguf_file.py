@@ -46,7 +46,6 @@ def test_the_embedded_smollm2_file_reads_as_gguf_py_reads_it(smollm2_gguf):
         assert torch.equal(to_torch(a), oracle_floats(b)), a.name
 
 
-
 def test_our_type_table_is_llama_cpps_and_the_gguf_package_is_only_needed_for_the_others(smollm2_gguf):
     for kind in GGMLType:
         assert gguf.GGMLQuantizationType[kind.name] == kind
@@ -58,6 +57,7 @@ def test_our_type_table_is_llama_cpps_and_the_gguf_package_is_only_needed_for_th
             "print(sorted({'gguf', 'yaml', 'sentencepiece'} & set(sys.modules)))")
     run = subprocess.run([sys.executable, "-c", load, smollm2_gguf], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.split() == ["[]"], run.stderr  # model and tokenizer, neither package
+
 
 def write(path, values: dict, tensors: dict) -> str:
     w = gguf.GGUFWriter(str(path), "llama")
@@ -114,7 +114,6 @@ def test_a_damaged_header_is_a_clear_error(tmp_path):
         GGUFFile(tmp_path / "dup2.gguf")
 
 
-
 def test_string_arrays_are_checked_on_open_and_decoded_when_read(tmp_path):
     """An array of strings is decoded when read (a vocabulary: by the tokenizer, after the weights): every length is
     checked when the file opens, and a string that is not UTF-8 is an error naming it when the array is read."""
@@ -133,6 +132,7 @@ def test_string_arrays_are_checked_on_open_and_decoded_when_read(tmp_path):
     (tmp_path / "long.gguf").write_bytes(data[:at] + (301).to_bytes(8, "little") + data[at + 8:at + 308])
     with pytest.raises(ValueError, match="truncated"):
         GGUFFile(tmp_path / "long.gguf")
+
 
 def mapped(path) -> bool:
     with open("/proc/self/maps") as f:

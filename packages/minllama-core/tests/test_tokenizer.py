@@ -155,7 +155,6 @@ def test_special_tokens_only_when_allowed(smol, smol_oracle):
     assert smol.encode("hi", bos=True, eos=True) == [1, *smol.encode("hi"), 2]
 
 
-
 def test_a_token_made_by_two_merges(tmp_path):
     """Llama 3's tokenizer.json lists several merges that make one token; ``set_merges`` keeps the first at the
     token and the others aside. Here "abc" is made by a+bc (rank 2) and by ab+c (rank 3), and "abc" itself only
@@ -176,6 +175,14 @@ def test_a_token_made_by_two_merges(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(Exception, match="`bca` out of vocabulary"):
         tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+
+
+def test_damaged_ids_are_refused_and_an_added_token_on_a_vocab_id_keeps_the_merges_bytes():
+    for ids in ({"a": 0, "b": -1}, {"a": 0, "b": 10**9}):  # the second would be a list of 10**9 entries
+        with pytest.raises(ValueError, match="token ids run from"):
+            ByteLevelBPETokenizer(ids, [], {}, [])
+    tok = ByteLevelBPETokenizer({"a": 0, "b": 1, "ab": 2}, [("a", "b")], {"<X>": 2}, [])
+    assert tok.merge_ranks == {(b"a", b"b"): 0} and tok.decode([2]) == "<X>"  # id 2 decodes as the added token
 
 @pytest.fixture(scope="module")
 def llama3_style_oracle(smol_oracle):

@@ -431,3 +431,22 @@ def test_loaded_tensors_are_aligned_for_the_kernels(tmp_path):
     assert misaligned == []
     with torch.no_grad():
         assert torch.equal(loaded(TOKENS[:, :4]), model(TOKENS[:, :4]))  # 4 rows: the packed kernels
+
+
+def test_load_gguf_quantized_checks_the_vocabulary_as_load_pretrained_does(tmp_path):
+    """A token of the embedded file that is not UTF-8 (its strings are decoded by the tokenizer, after the weights):
+    one CheckpointError naming the tokenizer, as load_pretrained gives; the weights alone still load."""
+    from minllama.core.checkpoint import default_model_path
+    from minllama.core.gguf_file import GGUFFile
+    from minllama.quant import load_gguf_quantized
+
+    with open(default_model_path(), "rb") as f:
+        data = bytearray(f.read())
+    tokens = GGUFFile(default_model_path()).fields["tokenizer.ggml.tokens"]
+    data[tokens._starts[1000] + 8] = 0xFF  # the first byte of token 1000: never valid UTF-8
+    path = tmp_path / "bad-vocab.gguf"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="the tokenizer cannot be read .*string 1000 of the array"):
+        load_gguf_quantized(path)
+    model, tokenizer = load_gguf_quantized(path, with_tokenizer=False)
+    assert tokenizer is None and model.config.vocab_size == 49152

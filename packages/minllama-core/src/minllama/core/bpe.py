@@ -55,6 +55,9 @@ class BytePairEncoder(Tokenizer):
         self.encoder, self.special_tokens, self.patterns = encoder, dict(special_tokens), list(patterns)
         # id -> bytes as a list (ids are dense: a list is a seventh of a dict's size); None for an unused id
         ids = {i: b for b, i in encoder.items()} | {i: t.encode() for t, i in self.special_tokens.items()}
+        if ids and not 0 <= min(ids) <= max(ids) < 2 * len(ids) + 1024:  # a damaged file, before a huge list
+            raise ValueError(f"token ids run from {min(ids)} to {max(ids)} for {len(ids)} tokens: ids must be "
+                             "0, 1, 2, ... (with few gaps)")
         self.decoder: list[bytes | None] = [None] * (max(ids, default=-1) + 1)
         for i, b in ids.items():
             self.decoder[i] = b

@@ -136,7 +136,8 @@ class ByteLevelBPETokenizer(BytePairEncoder):
     @property
     def merge_ranks(self) -> dict[tuple[bytes, bytes], int]:
         """Every merge as (left bytes, right bytes) -> rank: a dict built when asked (saving, extending)."""
-        return {(self.decoder[t][:k], self.decoder[t][k:]): r
+        token = {i: b for b, i in self.encoder.items()}  # the vocabulary's bytes (an added token may share an id)
+        return {(token[t][:k], token[t][k:]): r
                 for t, (r, k) in enumerate(zip(self._merge_rank, self._merge_split)) if r >= 0} | self._extra_merges
 
     def _rank(self, left: bytes, right: bytes) -> int | None:

@@ -106,11 +106,11 @@ def load_pretrained(source: str | os.PathLike, dtype: torch.dtype = torch.float3
     tokenizer = None
     if with_tokenizer and any((path / f).is_file() for f in _TOKENIZER_FILES):
         from .tokenizer import load_tokenizer  # lazy: the weights do not need it
-        tokenizer = _tokenizer(lambda: load_tokenizer(path), path, model.config)
+        tokenizer = checked_tokenizer(lambda: load_tokenizer(path), path, model.config)
     return model, tokenizer
 
 
-def _tokenizer(make: Callable[[], object], where: Path, cfg: LlamaConfig):
+def checked_tokenizer(make: Callable[[], object], where: Path, cfg: LlamaConfig):
     """The checkpoint's tokenizer, refused if it is damaged or could produce ids the model has no row for (today's
     first prompt would crash with an IndexError deep in the embedding)."""
     try:
@@ -495,7 +495,7 @@ def _load_gguf(path: Path, dtype, device, with_tokenizer: bool, convert: Convert
     tokenizer = None
     if with_tokenizer:
         from .tokenizer import tokenizer_from_gguf
-        tokenizer = _tokenizer(lambda: tokenizer_from_gguf(reader), path, cfg)
+        tokenizer = checked_tokenizer(lambda: tokenizer_from_gguf(reader), path, cfg)
     return model, tokenizer
 
 

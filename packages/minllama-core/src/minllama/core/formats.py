@@ -288,7 +288,8 @@ def config_to_meta(cfg: LlamaConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------------ GGUF config
 def gguf_field(reader, key: str, default: Any = None) -> Any:
-    """A metadata value of a ``gguf_file.GGUFFile`` (already a Python str, int, float, bool or list)."""
+    """A metadata value of a ``gguf_file.GGUFFile`` (a Python str, int, float, bool or list; an array of strings is
+    a ``StringArray``, a sequence decoded when read)."""
     return reader.fields.get(key, default)
 
 

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from minllama.core.checkpoint import default_model_path
+from minllama.core.checkpoint import checked_tokenizer, default_model_path
 from minllama.core.build import gguf_tensors, meta_model
 from minllama.core.formats import CheckpointError, config_from_gguf
 
@@ -77,5 +77,6 @@ def load_gguf_quantized(path: str | os.PathLike | None = None, device="cpu", wit
     tokenizer = None
     if with_tokenizer:
         from minllama.core.tokenizer import tokenizer_from_gguf
-        tokenizer = tokenizer_from_gguf(reader)
+        # load_pretrained's checks: a damaged vocabulary is a CheckpointError, and no id may pass the model's rows
+        tokenizer = checked_tokenizer(lambda: tokenizer_from_gguf(reader), path, cfg)
     return model.eval(), tokenizer
