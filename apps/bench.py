@@ -34,9 +34,7 @@ import subprocess
 import sys
 import time
 
-# MKL (PyTorch's fp32 matrix products on x86) reads this once, as torch starts: it then frees its work buffers
-# after each product instead of pooling them (~20 MB less after a long prompt; see minllama.core.memory).
-# As in chat.py; each row's worker process inherits it.
+# No pool of MKL's GEMM buffers, as in chat.py (why: there); each row's worker process inherits it.
 os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
 import torch  # noqa: E402 (after the line above)

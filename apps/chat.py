@@ -294,7 +294,7 @@ def use_cpu_decode_if_possible(model) -> bool:
 def load_model(args, dtype: torch.dtype, device: str):
     """(model, tokenizer) from --checkpoint; with --quantize the head (the tied embedding) and then each layer are
     quantized as soon as they are read (minllama-quant's load_pretrained_quantized), so the float model never exists
-    whole: SmolLM2 in int8 peaks at ~0.74 GB of RSS while loading, where loading in fp32, then quantizing, took
+    whole: SmolLM2 in int8 peaks at ~0.73 GB of RSS while loading, where loading in fp32, then quantizing, took
     1.36 GB."""
     if not args.quantize:
         return load_pretrained(args.checkpoint, dtype=dtype, device=device)
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
     if args.quantize:
         from minllama.quant import prepare, set_path
         # the C++ step reads the quantized buffers; a prompt of > 16 tokens dequantizes each matrix as it goes, a
-        # shorter one runs in C++: no packed copy of the weights (SmolLM2 Q4_1: 0.70 GB of peak RSS, not 0.94)
+        # shorter one runs in C++: no packed copy of the weights (SmolLM2 Q4_1: 0.69 GB of peak RSS, not 0.83-0.94)
         if cpu_decode:
             set_path(model, "fallback")
         else:

@@ -58,13 +58,14 @@ TYPE_SIZES = {GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.BF16: (1, 2),
 
 def ggml_type(raw: int) -> tuple[IntEnum, int, int]:
     """(type, weights per block, bytes per block) of a tensor type number; ValueError if no one knows it."""
-    if raw in GGMLType._value2member_map_:
+    try:
         kind = GGMLType(raw)
         return (kind, *TYPE_SIZES[kind])
-    import gguf
+    except ValueError:  # not one of ours
+        import gguf
 
-    kind = gguf.GGMLQuantizationType(raw)
-    return (kind, *gguf.GGML_QUANT_SIZES[kind])
+        kind = gguf.GGMLQuantizationType(raw)
+        return (kind, *gguf.GGML_QUANT_SIZES[kind])
 
 
 FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
